@@ -1,0 +1,505 @@
+"""Settings from config.toml: typed, validated, every problem named by file and key.
+
+`load_config(path)` returns a `Settings` or raises `ConfigError` listing every problem;
+`check_config(path)` returns the problems without raising (for `mailflow check`).
+Relative paths are resolved against the directory holding the config file.
+"""
+
+from __future__ import annotations
+
+import os
+import re
+import tomllib
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from datetime import time, timedelta
+from pathlib import Path
+from typing import Any
+from zoneinfo import ZoneInfo, ZoneInfoNotFoundError
+
+from mailflow.errors import ConfigError
+
+PACKAGE_DEFAULTS = Path(__file__).parent / "default"
+ROLE_KEYS = (
+    "service_desk",
+    "service_desk_lead",
+    "l2",
+    "l3",
+    "incident_manager",
+    "post_lead",
+    "problem_manager",
+)
+PRIORITIES = ("P1", "P2", "P3", "P4")
+_EMAIL = re.compile(r"^[^@\s<>]+@[^@\s<>]+$")
+
+
+@dataclass(frozen=True)
+class Problem:
+    """One thing wrong in a config or rule file."""
+
+    file: str
+    key: str
+    message: str
+
+    def __str__(self) -> str:
+        return f"{self.file}: {self.key}: {self.message}"
+
+
+@dataclass(frozen=True)
+class DeskSettings:
+    address: str = "itsm@example.test"
+    name: str = "IT服务台"
+    language: str = "zh-CN"
+    timezone: str = "Asia/Shanghai"
+    secret: str = ""
+    poll_interval: float = 30.0
+
+    @property
+    def tz(self) -> ZoneInfo:
+        return ZoneInfo(self.timezone)
+
+
+@dataclass(frozen=True)
+class ImapConfig:
+    host: str = ""
+    port: int = 993
+    security: str = "tls"
+    username: str = ""
+    password: str = ""
+    folder: str = "INBOX"
+    timeout: float = 30.0
+    batch_size: int = 200
+    verify_tls: bool = True
+    ca_file: str | None = None
+    done_flag: str = "$MailflowDone"
+    move_to: str | None = None
+
+    @property
+    def enabled(self) -> bool:
+        return bool(self.host)
+
+
+@dataclass(frozen=True)
+class SmtpConfig:
+    host: str = ""
+    port: int = 587
+    security: str = "starttls"
+    username: str = ""
+    password: str = ""
+    timeout: float = 30.0
+    verify_tls: bool = True
+    ca_file: str | None = None
+    pickup_dir: Path | None = None  # with no host: write outgoing mail here as .eml files
+    max_attempts: int = 12
+
+
+@dataclass(frozen=True)
+class Roles:
+    service_desk: tuple[str, ...] = ()
+    service_desk_lead: tuple[str, ...] = ()
+    l2: tuple[str, ...] = ()
+    l3: tuple[str, ...] = ()
+    incident_manager: tuple[str, ...] = ()
+    post_lead: tuple[str, ...] = ()
+    problem_manager: tuple[str, ...] = ()
+    approvers: dict[str, tuple[str, ...]] = field(default_factory=dict)
+    executors: dict[str, tuple[str, ...]] = field(default_factory=dict)
+
+    def tier_members(self, tier: str | None) -> tuple[str, ...]:
+        """The people who work a tier's queue (L1, L2, L3, IM)."""
+        return {
+            "L1": self.service_desk,
+            "L2": self.l2,
+            "L3": self.l3,
+            "IM": self.incident_manager,
+        }.get(tier or "", ())
+
+    def of(self, address: str) -> frozenset[str]:
+        """Every role the address holds ('approver'/'executor' for any request type)."""
+        address = address.lower()
+        held = {key for key in ROLE_KEYS if address in getattr(self, key)}
+        if any(address in people for people in self.approvers.values()):
+            held.add("approver")
+        if any(address in people for people in self.executors.values()):
+            held.add("executor")
+        return frozenset(held)
+
+    def approvers_for(self, request_type: str | None) -> tuple[str, ...]:
+        return self.approvers.get(request_type or "", self.approvers.get("default", ()))
+
+    def executors_for(self, request_type: str | None) -> tuple[str, ...]:
+        return self.executors.get(request_type or "", self.executors.get("default", ()))
+
+
+@dataclass(frozen=True)
+class SlaTarget:
+    response: timedelta
+    resolve: timedelta
+    calendar: str  # "24x7" | "business"
+
+
+@dataclass(frozen=True)
+class SlaSettings:
+    hours: tuple[str, ...] = ("08:30-12:00", "13:30-17:30")
+    holidays: str | None = "CN"
+    warn_at: float = 0.75
+    targets: dict[str, SlaTarget] = field(
+        default_factory=lambda: {
+            "P1": SlaTarget(timedelta(minutes=15), timedelta(hours=4), "24x7"),
+            "P2": SlaTarget(timedelta(minutes=30), timedelta(hours=8), "24x7"),
+            "P3": SlaTarget(timedelta(hours=2), timedelta(hours=16), "business"),
+            "P4": SlaTarget(timedelta(hours=4), timedelta(hours=40), "business"),
+        }
+    )
+
+
+@dataclass(frozen=True)
+class IncidentSettings:
+    confirm_timeout: timedelta = timedelta(hours=24)  # working time (3 working days of 8h)
+    reopen_grace: timedelta = timedelta(days=7)
+    similar_count: int = 3
+
+
+@dataclass(frozen=True)
+class RequestSettings:
+    required_fields: dict[str, tuple[str, ...]] = field(
+        default_factory=lambda: {"default": ("request_type", "reason")}
+    )
+    approval_chain: dict[str, tuple[str, ...]] = field(default_factory=dict)
+    token_ttl: timedelta = timedelta(days=14)
+    require_dkim: bool = False
+    trusted_authserv_id: str = ""
+
+
+@dataclass(frozen=True)
+class DigestSettings:
+    time: time = time(8, 30)
+    send_empty: bool = False
+    weekly_report: str = "mon 09:00"
+    monthly_report: str = "1 09:00"
+
+
+@dataclass(frozen=True)
+class LimitSettings:
+    max_message_bytes: int = 25_000_000
+    max_attachment_bytes: int = 10_000_000
+    max_attachments: int = 20
+    auto_replies_per_sender_per_hour: int = 5
+    auto_replies_per_ticket_per_hour: int = 10
+    bounce_suppress: timedelta = timedelta(days=7)
+    allow: tuple[str, ...] = ()
+    deny: tuple[str, ...] = ()
+
+
+@dataclass(frozen=True)
+class Settings:
+    """Everything mailflow reads from config.toml."""
+
+    path: Path
+    desk: DeskSettings
+    database_url: str
+    imap: ImapConfig
+    maildir: Path | None
+    smtp: SmtpConfig
+    roles: Roles
+    sla: SlaSettings
+    incident: IncidentSettings
+    requests: RequestSettings
+    digest: DigestSettings
+    limits: LimitSettings
+    rules_dir: Path
+    templates_dir: Path
+    raw: dict[str, Any] = field(repr=False, default_factory=dict)
+
+    @property
+    def base_dir(self) -> Path:
+        return self.path.parent
+
+
+def resolve_config_path(explicit: str | None) -> Path:
+    """--config, else $MAILFLOW_CONFIG, else ./config.toml."""
+    return Path(explicit or os.environ.get("MAILFLOW_CONFIG") or "config.toml")
+
+
+class _Reader:
+    """Reads typed values out of the parsed TOML, collecting problems instead of stopping."""
+
+    def __init__(self, data: dict[str, Any], file: str) -> None:
+        self.data = data
+        self.file = file
+        self.problems: list[Problem] = []
+
+    def problem(self, key: str, message: str) -> None:
+        self.problems.append(Problem(self.file, key, message))
+
+    def table(self, key: str) -> dict[str, Any]:
+        node: Any = self.data
+        for part in key.split("."):
+            node = node.get(part, {}) if isinstance(node, dict) else {}
+        if not isinstance(node, dict):
+            self.problem(key, "must be a table")
+            return {}
+        return node
+
+    def get(self, section: str, key: str, kind: type, default: Any) -> Any:
+        value = self.table(section).get(key, default)
+        if kind is float and isinstance(value, int) and not isinstance(value, bool):
+            value = float(value)
+        if value is not None and not isinstance(value, kind):
+            self.problem(f"{section}.{key}", f"must be {kind.__name__}, got {value!r}")
+            return default
+        return value
+
+    def parsed(self, section: str, key: str, default: Any, convert: Callable[[Any], Any]) -> Any:
+        value = self.table(section).get(key)
+        if value is None:
+            return default
+        try:
+            return convert(value)
+        except (ValueError, TypeError) as exc:
+            self.problem(f"{section}.{key}", str(exc))
+            return default
+
+    def secret(self, section: str, key: str) -> str:
+        """A secret given inline or through `<key>_env` naming an environment variable."""
+        env_name = self.get(section, f"{key}_env", str, "")
+        if env_name:
+            if env_name not in os.environ:
+                self.problem(f"{section}.{key}_env", f"environment variable {env_name} is not set")
+            return os.environ.get(env_name, "")
+        return self.get(section, key, str, "")
+
+    def emails(self, key: str, value: Any) -> tuple[str, ...]:
+        if isinstance(value, str):
+            value = [value]
+        if not isinstance(value, list):
+            self.problem(key, "must be a list of email addresses")
+            return ()
+        out = []
+        for item in value:
+            if not isinstance(item, str) or not _EMAIL.match(item.strip()):
+                self.problem(key, f"{item!r} is not an email address")
+                continue
+            out.append(item.strip().lower())
+        return tuple(out)
+
+
+def _duration(value: Any) -> timedelta:
+    from mailflow.sla import parse_duration
+
+    if isinstance(value, int | float) and not isinstance(value, bool):
+        return timedelta(minutes=value)
+    if not isinstance(value, str):
+        raise ValueError(f"must be a duration like '4h' or '30m', got {value!r}")
+    return parse_duration(value)
+
+
+def _clock(value: Any) -> time:
+    if not isinstance(value, str) or not re.fullmatch(r"\d{1,2}:\d{2}", value):
+        raise ValueError(f"must be a time of day like '08:30', got {value!r}")
+    hour, minute = map(int, value.split(":"))
+    return time(hour, minute)
+
+
+def _choice(r: _Reader, section: str, key: str, default: str, allowed: tuple[str, ...]) -> str:
+    value = r.get(section, key, str, default)
+    if value not in allowed:
+        r.problem(f"{section}.{key}", f"must be one of {', '.join(allowed)}, got {value!r}")
+        return default
+    return value
+
+
+def _path(base: Path, value: str) -> Path:
+    path = Path(value).expanduser()
+    return path if path.is_absolute() else base / path
+
+
+def _database_url(base: Path, url: str) -> str:
+    """Resolve a relative SQLite path against the config directory."""
+    prefix = "sqlite:///"
+    if url.startswith(prefix) and not url.startswith(prefix + "/") and ":memory:" not in url:
+        return prefix + str(base / url[len(prefix) :])
+    return url
+
+
+def _read(path: Path) -> tuple[Settings | None, list[Problem]]:
+    file = str(path)
+    try:
+        data = tomllib.loads(path.read_text(encoding="utf-8"))
+    except FileNotFoundError:
+        return None, [Problem(file, "-", "config file not found (use --config PATH)")]
+    except (OSError, UnicodeDecodeError) as exc:
+        return None, [Problem(file, "-", f"cannot read: {exc}")]
+    except tomllib.TOMLDecodeError as exc:
+        return None, [Problem(file, "-", f"not valid TOML: {exc}")]
+    r = _Reader(data, file)
+    base = path.resolve().parent
+
+    desk = DeskSettings(
+        address=r.get("desk", "address", str, DeskSettings.address).lower(),
+        name=r.get("desk", "name", str, DeskSettings.name),
+        language=_choice(r, "desk", "language", "zh-CN", ("zh-CN", "en")),
+        timezone=r.get("desk", "timezone", str, DeskSettings.timezone),
+        secret=r.secret("desk", "secret"),
+        poll_interval=r.get("desk", "poll_interval", float, DeskSettings.poll_interval),
+    )
+    if not _EMAIL.match(desk.address):
+        r.problem("desk.address", f"{desk.address!r} is not an email address")
+    try:
+        ZoneInfo(desk.timezone)
+    except (ZoneInfoNotFoundError, ValueError):
+        r.problem("desk.timezone", f"unknown time zone {desk.timezone!r}")
+        desk = DeskSettings(**{**desk.__dict__, "timezone": "Asia/Shanghai"})
+
+    imap = ImapConfig(
+        host=r.get("imap", "host", str, ""),
+        port=r.get("imap", "port", int, 993),
+        security=_choice(r, "imap", "security", "tls", ("none", "starttls", "tls")),
+        username=r.get("imap", "username", str, ""),
+        password=r.secret("imap", "password"),
+        folder=r.get("imap", "folder", str, "INBOX"),
+        timeout=r.get("imap", "timeout", float, 30.0),
+        batch_size=r.get("imap", "batch_size", int, 200),
+        verify_tls=r.get("imap", "verify_tls", bool, True),
+        ca_file=r.get("imap", "ca_file", str, None),
+        done_flag=r.get("imap", "done_flag", str, "$MailflowDone"),
+        move_to=r.get("imap", "move_to", str, None),
+    )
+    if imap.enabled and not imap.username:
+        r.problem("imap.username", "required when imap.host is set")
+
+    maildir_value = r.get("maildir", "path", str, "")
+    smtp_host = r.get("smtp", "host", str, "")
+    smtp = SmtpConfig(
+        host=smtp_host,
+        port=r.get("smtp", "port", int, 587),
+        security=_choice(r, "smtp", "security", "starttls", ("none", "starttls", "tls")),
+        username=r.get("smtp", "username", str, ""),
+        password=r.secret("smtp", "password"),
+        timeout=r.get("smtp", "timeout", float, 30.0),
+        verify_tls=r.get("smtp", "verify_tls", bool, True),
+        ca_file=r.get("smtp", "ca_file", str, None),
+        pickup_dir=_path(base, r.get("smtp", "pickup_dir", str, "var/outgoing")),
+        max_attempts=r.get("smtp", "max_attempts", int, 12),
+    )
+
+    roles_table = r.table("roles")
+    role_values = {k: r.emails(f"roles.{k}", roles_table.get(k, [])) for k in ROLE_KEYS}
+    for key in roles_table:
+        if key not in ROLE_KEYS and key not in ("approvers", "executors"):
+            r.problem(f"roles.{key}", f"unknown role; known: {', '.join(ROLE_KEYS)}")
+    by_type = {}
+    for group in ("approvers", "executors"):
+        table = r.table(f"roles.{group}")
+        by_type[group] = {t: r.emails(f"roles.{group}.{t}", v) for t, v in table.items()}
+    roles = Roles(**role_values, approvers=by_type["approvers"], executors=by_type["executors"])
+    if not roles.service_desk:
+        r.problem("roles.service_desk", "at least one service desk (L1) address is required")
+
+    targets = dict(SlaSettings().targets)
+    for prio in PRIORITIES:
+        section = f"sla.{prio}"
+        if prio in r.table("sla"):
+            old = targets[prio]
+            targets[prio] = SlaTarget(
+                response=r.parsed(section, "response", old.response, _duration),
+                resolve=r.parsed(section, "resolve", old.resolve, _duration),
+                calendar=_choice(r, section, "calendar", old.calendar, ("24x7", "business")),
+            )
+    hours = tuple(r.get("sla", "hours", list, list(SlaSettings.hours)))
+    try:
+        from mailflow.sla import parse_hours
+
+        parse_hours(list(hours))
+    except (ValueError, TypeError) as exc:
+        r.problem("sla.hours", str(exc))
+        hours = SlaSettings.hours
+    sla = SlaSettings(
+        hours=hours,
+        holidays=r.get("sla", "holidays", str, "CN") or None,
+        warn_at=r.get("sla", "warn_at", float, 0.75),
+        targets=targets,
+    )
+
+    incident = IncidentSettings(
+        confirm_timeout=r.parsed("incident", "confirm_timeout", timedelta(hours=24), _duration),
+        reopen_grace=r.parsed("incident", "reopen_grace", timedelta(days=7), _duration),
+        similar_count=r.get("incident", "similar_count", int, 3),
+    )
+
+    req_fields = {
+        t: tuple(v) for t, v in r.table("requests.required_fields").items() if isinstance(v, list)
+    } or RequestSettings().required_fields
+    chains = {t: tuple(v) for t, v in r.table("requests.approval_chain").items()}
+    requests = RequestSettings(
+        required_fields=req_fields,
+        approval_chain=chains,
+        token_ttl=r.parsed("requests", "token_ttl", timedelta(days=14), _duration),
+        require_dkim=r.get("requests", "require_dkim", bool, False),
+        trusted_authserv_id=r.get("requests", "trusted_authserv_id", str, ""),
+    )
+
+    digest = DigestSettings(
+        time=r.parsed("digest", "time", time(8, 30), _clock),
+        send_empty=r.get("digest", "send_empty", bool, False),
+        weekly_report=r.get("digest", "weekly_report", str, "mon 09:00"),
+        monthly_report=r.get("digest", "monthly_report", str, "1 09:00"),
+    )
+
+    limits = LimitSettings(
+        max_message_bytes=r.get("limits", "max_message_bytes", int, 25_000_000),
+        max_attachment_bytes=r.get("limits", "max_attachment_bytes", int, 10_000_000),
+        max_attachments=r.get("limits", "max_attachments", int, 20),
+        auto_replies_per_sender_per_hour=r.get(
+            "limits", "auto_replies_per_sender_per_hour", int, 5
+        ),
+        auto_replies_per_ticket_per_hour=r.get(
+            "limits", "auto_replies_per_ticket_per_hour", int, 10
+        ),
+        bounce_suppress=r.parsed("limits", "bounce_suppress", timedelta(days=7), _duration),
+        allow=tuple(x.lower() for x in r.get("limits", "allow", list, [])),
+        deny=tuple(x.lower() for x in r.get("limits", "deny", list, [])),
+    )
+
+    rules_dir = base / "rules" if (base / "rules").is_dir() else PACKAGE_DEFAULTS / "rules"
+    rules_dir = _path(base, r.get("paths", "rules", str, str(rules_dir)))
+    templates_dir = base / "templates"
+    if not templates_dir.is_dir():
+        templates_dir = PACKAGE_DEFAULTS / "templates"
+    templates_dir = _path(base, r.get("paths", "templates", str, str(templates_dir)))
+
+    url = r.get("database", "url", str, "sqlite:///var/mailflow.db")
+    url_env = r.get("database", "url_env", str, "")
+    if url_env:
+        url = os.environ.get(url_env, url)
+    settings = Settings(
+        path=path.resolve(),
+        desk=desk,
+        database_url=_database_url(base, url),
+        imap=imap,
+        maildir=_path(base, maildir_value) if maildir_value else None,
+        smtp=smtp,
+        roles=roles,
+        sla=sla,
+        incident=incident,
+        requests=requests,
+        digest=digest,
+        limits=limits,
+        rules_dir=rules_dir,
+        templates_dir=templates_dir,
+        raw=data,
+    )
+    return settings, r.problems
+
+
+def check_config(path: Path) -> list[Problem]:
+    """Every problem in the config file (empty when it is valid)."""
+    return _read(path)[1]
+
+
+def load_config(path: Path) -> Settings:
+    """Load and validate; raise ConfigError naming every problem."""
+    settings, problems = _read(path)
+    if problems or settings is None:
+        raise ConfigError("; ".join(str(p) for p in problems))
+    return settings
