@@ -1,0 +1,325 @@
+"""The `mailflow` command line (see the contract in the README).
+
+The config file is `--config PATH`, else $MAILFLOW_CONFIG, else ./config.toml. Errors are
+one clear sentence on stderr and a non-zero exit status.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import json
+import logging
+import sys
+from collections.abc import Sequence
+from datetime import date
+from pathlib import Path
+from typing import Any
+
+from sqlalchemy import func, select
+from sqlalchemy.exc import OperationalError
+
+from mailflow import __version__, tracking
+from mailflow.config import check_config, load_config, resolve_config_path
+from mailflow.errors import MailflowError, TemporaryFailure
+from mailflow.models import Inbound, MailboxState, Outbox, Ticket, utcnow
+from mailflow.tickets import as_json, detail_json
+
+EX_TEMPFAIL = 75
+INBOUND_STATES = ("processed", "ignored", "quarantined", "pending")
+OUTBOX_STATES = ("queued", "sent", "dead")
+
+
+def _desk(args: argparse.Namespace) -> Any:
+    from mailflow.desk import Desk
+
+    return Desk(load_config(resolve_config_path(args.config)))
+
+
+def cmd_run(args: argparse.Namespace) -> int:
+    from mailflow.daemon import Daemon
+
+    daemon = Daemon(_desk(args))
+    if args.once:
+        result = daemon.run_once()
+        print(
+            f"fetched {result.fetched}, processed {result.processed}, "
+            f"sent {result.relay.sent}, retrying {result.relay.retried}, dead {result.relay.dead}"
+        )
+        for error in result.errors:
+            print(f"error: {error}", file=sys.stderr)
+        return 0
+    asyncio.run(daemon.run())
+    return 0
+
+
+def cmd_ingest(args: argparse.Namespace) -> int:
+    from mailflow import intake, pipeline
+
+    raw = Path(args.file).read_bytes() if args.file else sys.stdin.buffer.read()
+    if not raw.strip():
+        print("mailflow: no message on input", file=sys.stderr)
+        return 1
+    try:
+        desk = _desk(args)
+        now = utcnow()
+        inbound_id = intake.ingest_bytes(desk, raw, now)
+        if inbound_id is not None:
+            outcome = pipeline.process_one(desk, inbound_id, utcnow())
+            ref = outcome.ticket.ref if outcome.ticket is not None else "-"
+            print(f"{outcome.state} {ref}")
+        else:
+            print("already stored")
+    except (TemporaryFailure, OperationalError) as exc:
+        print(f"mailflow: temporary failure, try again later: {exc}", file=sys.stderr)
+        return EX_TEMPFAIL
+    return 0
+
+
+def cmd_check(args: argparse.Namespace) -> int:
+    from mailflow.rules import check_rules
+
+    path = resolve_config_path(args.config)
+    problems = [str(p) for p in check_config(path)]
+    if not problems:
+        settings = load_config(path)
+        problems += [str(p) for p in check_rules(settings.rules_dir)]
+        from mailflow.render import Renderer
+
+        renderer = Renderer(settings.templates_dir, settings.desk.language, settings.desk.tz)
+        problems += _check_templates(renderer)
+    for problem in problems:
+        print(problem)
+    if problems:
+        print(f"{len(problems)} problem(s)", file=sys.stderr)
+        return 1
+    print(f"{path}: configuration, rules and templates are valid")
+    return 0
+
+
+def _check_templates(renderer: Any) -> list[str]:
+    import jinja2
+
+    problems = []
+    for name in renderer.names():
+        try:
+            renderer.env.get_template(f"{name}.txt")
+        except jinja2.TemplateError as exc:
+            problems.append(f"templates/{name}.txt: {exc}")
+    return problems
+
+
+def status_json(desk: Any) -> dict[str, Any]:
+    with desk.db.sessions() as session:
+        inbound = dict(
+            session.execute(select(Inbound.state, func.count()).group_by(Inbound.state)).all()
+        )
+        out = dict(session.execute(select(Outbox.state, func.count()).group_by(Outbox.state)).all())
+        last = session.scalar(select(func.max(MailboxState.last_poll_at)))
+        errors = {
+            name: error
+            for name, error in session.execute(
+                select(MailboxState.name, MailboxState.last_error).where(
+                    MailboxState.last_error.is_not(None)
+                )
+            )
+        }
+    return {
+        "inbound": {s: inbound.get(s, 0) for s in INBOUND_STATES},
+        "outbox": {s: out.get(s, 0) for s in OUTBOX_STATES},
+        "last_poll": last.isoformat().replace("+00:00", "Z") if last else None,
+        "errors": errors,
+    }
+
+
+def cmd_status(args: argparse.Namespace) -> int:
+    data = status_json(_desk(args))
+    if args.json:
+        print(json.dumps(data, ensure_ascii=False))
+        return 0
+    print("inbound: " + ", ".join(f"{k} {v}" for k, v in data["inbound"].items()))
+    print("outbox:  " + ", ".join(f"{k} {v}" for k, v in data["outbox"].items()))
+    print(f"last poll: {data['last_poll'] or 'never'}")
+    for name, error in data["errors"].items():
+        print(f"error: {name}: {error}")
+    return 0
+
+
+def cmd_tickets(args: argparse.Namespace) -> int:
+    desk = _desk(args)
+    with desk.db.sessions() as session:
+        query = select(Ticket).order_by(Ticket.id)
+        if args.kind:
+            query = query.where(Ticket.kind == args.kind)
+        if args.status:
+            query = query.where(Ticket.status == args.status)
+        tickets = list(session.scalars(query))
+        counts = dict(
+            session.execute(
+                select(Inbound.ticket_id, func.count())
+                .where(Inbound.state == "processed", Inbound.ticket_id.is_not(None))
+                .group_by(Inbound.ticket_id)
+            ).all()
+        )
+        rows = [as_json(session, t, counts.get(t.id, 0)) for t in tickets]
+    if args.json:
+        print(json.dumps(rows, ensure_ascii=False))
+        return 0
+    for row in rows:
+        tier = row["tier"] or "-"
+        print(
+            f"{row['ref']:<9} {row['status']:<17} {row['priority']} {tier:<3} "
+            f"{row['category']:<14} {row['requester']:<28} {row['subject']}"
+        )
+    return 0
+
+
+def cmd_show(args: argparse.Namespace) -> int:
+    desk = _desk(args)
+    with desk.db.sessions() as session:
+        ticket = tracking.by_ref(session, args.ref)
+        if ticket is None:
+            print(f"mailflow: no ticket {args.ref}", file=sys.stderr)
+            return 1
+        data = detail_json(session, ticket)
+    if args.json:
+        print(json.dumps(data, ensure_ascii=False, indent=2))
+        return 0
+    for key in (
+        "ref",
+        "kind",
+        "status",
+        "priority",
+        "category",
+        "tier",
+        "major",
+        "requester",
+        "assignee",
+        "subject",
+        "created_at",
+        "due_at",
+        "resolved_at",
+    ):
+        print(f"{key:>12}: {data[key]}")
+    print("\ninteractions:")
+    for item in data["interactions"]:
+        arrow = "→" if item["direction"] == "out" else "←"
+        print(f"  {item['at']} {arrow} {item['from']} → {item['to']}: {item['subject']}")
+        for line in (item["text"] or "").strip().splitlines()[:6]:
+            print(f"      {line}")
+    print("\nevents:")
+    for event in data["events"]:
+        print(f"  {event['at']} {event['action']:<12} {event['actor']}  {event['detail'][:80]}")
+    return 0
+
+
+def cmd_digest(args: argparse.Namespace) -> int:
+    from mailflow import digest
+
+    desk = _desk(args)
+    results = digest.run_digests(desk, utcnow(), dry_run=args.dry_run)
+    for item in results:
+        print(f"{'would send' if args.dry_run else 'queued'} {item.role} digest → {item.recipient}")
+        if args.dry_run:
+            print(item.text)
+    if not results:
+        print("no digest due (already sent today, or nothing to report)")
+    return 0
+
+
+def cmd_report(args: argparse.Namespace) -> int:
+    from mailflow import report
+
+    desk = _desk(args)
+    data = report.compute(desk, since=args.since, until=args.until, now=utcnow())
+    print(report.render(data, args.format))
+    return 0
+
+
+def cmd_demo(args: argparse.Namespace) -> int:
+    from mailflow.demo import run_demo
+
+    return run_demo(Path(args.dir) if args.dir else None)
+
+
+def cmd_requeue(args: argparse.Namespace) -> int:
+    desk = _desk(args)
+    with desk.db.transaction() as session:
+        query = select(Inbound).where(Inbound.state == "quarantined")
+        if args.ids:
+            query = query.where(Inbound.id.in_(args.ids))
+        rows = list(session.scalars(query))
+        for row in rows:
+            row.state, row.attempts, row.next_attempt_at = "pending", 0, None
+    print(f"requeued {len(rows)} message(s)")
+    return 0
+
+
+def _date(value: str) -> date:
+    try:
+        return date.fromisoformat(value)
+    except ValueError as exc:
+        raise argparse.ArgumentTypeError(f"{value!r} is not a date like 2026-11-01") from exc
+
+
+def parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog="mailflow", description="Email-driven IT service desk.")
+    p.add_argument("--config", help="config file (default: $MAILFLOW_CONFIG or ./config.toml)")
+    p.add_argument("--version", action="version", version=f"mailflow {__version__}")
+    p.add_argument("-v", "--verbose", action="store_true", help="debug logging")
+    sub = p.add_subparsers(dest="command", required=True)
+    run = sub.add_parser("run", help="the daemon")
+    run.add_argument("--once", action="store_true", help="one pass, then exit")
+    run.set_defaults(func=cmd_run)
+    ingest = sub.add_parser("ingest", help="process one message from FILE or stdin")
+    ingest.add_argument("file", nargs="?")
+    ingest.set_defaults(func=cmd_ingest)
+    sub.add_parser("check", help="validate config and rules").set_defaults(func=cmd_check)
+    status = sub.add_parser("status", help="health")
+    status.add_argument("--json", action="store_true")
+    status.set_defaults(func=cmd_status)
+    tickets = sub.add_parser("tickets", help="list tickets")
+    tickets.add_argument("--json", action="store_true")
+    tickets.add_argument("--kind", choices=("incident", "request"))
+    tickets.add_argument("--status")
+    tickets.set_defaults(func=cmd_tickets)
+    show = sub.add_parser("show", help="one ticket")
+    show.add_argument("ref")
+    show.add_argument("--json", action="store_true")
+    show.set_defaults(func=cmd_show)
+    digest = sub.add_parser("digest", help="build and queue today's digests")
+    digest.add_argument("--dry-run", action="store_true")
+    digest.set_defaults(func=cmd_digest)
+    report = sub.add_parser("report", help="incident-management report")
+    report.add_argument("--since", type=_date)
+    report.add_argument("--until", type=_date)
+    report.add_argument("--format", choices=("text", "json", "csv"), default="text")
+    report.set_defaults(func=cmd_report)
+    demo = sub.add_parser("demo", help="a self-contained demonstration")
+    demo.add_argument("--dir", help="keep the demo's files here (default: a temp dir)")
+    demo.set_defaults(func=cmd_demo)
+    requeue = sub.add_parser("requeue", help="process quarantined mail again")
+    requeue.add_argument("ids", nargs="*", type=int)
+    requeue.set_defaults(func=cmd_requeue)
+    return p
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    args = parser().parse_args(argv)
+    logging.basicConfig(
+        level=logging.DEBUG if args.verbose else logging.INFO,
+        format="%(asctime)s %(levelname)s %(name)s %(message)s",
+    )
+    try:
+        return args.func(args)
+    except TemporaryFailure as exc:
+        print(f"mailflow: {exc}", file=sys.stderr)
+        return EX_TEMPFAIL
+    except MailflowError as exc:
+        print(f"mailflow: {exc}", file=sys.stderr)
+        return 2
+    except OperationalError as exc:
+        print(f"mailflow: database unavailable: {exc.orig}", file=sys.stderr)
+        return EX_TEMPFAIL
+    except KeyboardInterrupt:
+        return 130

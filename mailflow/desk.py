@@ -1,0 +1,74 @@
+"""The desk: settings, database, rules and templates that every step is handed.
+
+No globals: the daemon, the CLI and the tests each build a Desk and pass it (and `now`) in.
+"""
+
+from __future__ import annotations
+
+import logging
+from datetime import datetime, timedelta
+
+from sqlalchemy.orm import Session
+
+from mailflow import sla
+from mailflow.config import Settings, SlaTarget
+from mailflow.db import Database
+from mailflow.errors import RuleError
+from mailflow.render import Renderer
+from mailflow.rules import RuleSet, load_rules, load_rules_lenient
+
+log = logging.getLogger(__name__)
+
+
+class Desk:
+    """One configured service desk."""
+
+    def __init__(self, settings: Settings, db: Database | None = None) -> None:
+        self.settings = settings
+        self.db = db or Database(settings.database_url)
+        self.renderer = Renderer(settings.templates_dir, settings.desk.language, settings.desk.tz)
+        self.rules, problems = load_rules_lenient(settings.rules_dir)
+        for problem in problems:
+            log.error("rule problem, file skipped: %s", problem)
+
+    @property
+    def address(self) -> str:
+        return self.settings.desk.address
+
+    def reload_rules(self) -> list[str]:
+        """Load rules/ again; on any problem keep the running rules and return the problems."""
+        try:
+            self.rules = load_rules(self.settings.rules_dir)
+        except RuleError as exc:
+            log.error("rules not reloaded, keeping the last good set: %s", exc)
+            return [str(exc)]
+        return []
+
+    def set_rules(self, rules: RuleSet) -> None:
+        self.rules = rules
+
+    def calendar(self, priority: str) -> sla.Calendar:
+        """The clock a priority's SLA runs on (24x7 or business hours with holidays)."""
+        target = self.target(priority)
+        hours = (
+            None if target.calendar == "24x7" else sla.parse_hours(list(self.settings.sla.hours))
+        )
+        return sla.Calendar(self.settings.desk.tz, hours, self.settings.sla.holidays)
+
+    def business_calendar(self) -> sla.Calendar:
+        hours = sla.parse_hours(list(self.settings.sla.hours))
+        return sla.Calendar(self.settings.desk.tz, hours, self.settings.sla.holidays)
+
+    def target(self, priority: str) -> SlaTarget:
+        return self.settings.sla.targets.get(priority) or self.settings.sla.targets["P3"]
+
+    def due(self, priority: str, start: datetime, which: str = "resolve") -> datetime | None:
+        target: timedelta = getattr(self.target(priority), which)
+        return sla.due_at(self.calendar(priority), start, target)
+
+    def may_mail(self, session: Session, address: str, now: datetime) -> bool:
+        """Whether mail to this address may be queued (suppression hooks in here)."""
+        return True
+
+    def close(self) -> None:
+        self.db.close()

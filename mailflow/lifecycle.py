@@ -1,0 +1,122 @@
+"""Who may do what, in which status, and where it leads: policy as data.
+
+`INCIDENT` and `REQUEST` map an action to the statuses it applies in, the roles that may
+take it and the status it leads to (None: the status stays). Roles are relative to the
+ticket: `requester`, `desk` (service desk and its lead), `tier` (members of the owning
+tier, or the assignee), `im` (incident manager), `approver`, `executor`, `anyone`.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+from mailflow.config import Roles
+from mailflow.models import Ticket
+
+OPEN = ("open", "pending")
+
+
+@dataclass(frozen=True)
+class Transition:
+    statuses: tuple[str, ...]
+    roles: frozenset[str]
+    to: str | None
+
+
+def _t(statuses: tuple[str, ...], roles: str, to: str | None) -> Transition:
+    return Transition(statuses, frozenset(roles.split()), to)
+
+
+INCIDENT: dict[str, Transition] = {
+    "comment": _t(("open", "pending", "resolved", "problem"), "anyone", None),
+    "note": _t(("open", "pending", "resolved", "problem"), "desk tier im", None),
+    "resolve": _t(OPEN, "tier im", "resolved"),
+    "escalate": _t(OPEN, "tier im", None),
+    "assign": _t(OPEN, "desk im", None),
+    "priority": _t(OPEN, "desk im", None),
+    "pending": _t(("open",), "tier", "pending"),
+    "confirm": _t(("resolved",), "requester", "closed"),
+    "reopen": _t(("resolved", "closed"), "requester desk", "open"),
+    "problem": _t(("open", "pending", "resolved"), "im", "problem"),
+}
+
+REQUEST: dict[str, Transition] = {
+    "comment": _t(("pending", "pending_approval", "approved", "fulfilled"), "anyone", None),
+    "note": _t(("pending", "pending_approval", "approved", "fulfilled"), "desk executor", None),
+    "approve": _t(("pending_approval",), "approver", None),
+    "reject": _t(("pending_approval",), "approver", "rejected"),
+    "done": _t(("approved",), "executor", "fulfilled"),
+    "confirm": _t(("fulfilled",), "requester", "closed"),
+}
+
+# Escalation paths: desktop incidents go L1 → L2 → L3 → IM, the others L1 → L3 → IM.
+DESKTOP_PATH = ("L1", "L2", "L3", "IM")
+OTHER_PATH = ("L1", "L3", "IM")
+
+ROLE_NAMES = {
+    "requester": "报告人 requester",
+    "desk": "服务台 service desk",
+    "tier": "当前处理组 owning tier",
+    "im": "事件经理 incident manager",
+    "approver": "审批人 approver",
+    "executor": "执行人 executor",
+    "anyone": "任何人 anyone",
+}
+
+
+def table(ticket: Ticket) -> dict[str, Transition]:
+    return INCIDENT if ticket.kind == "incident" else REQUEST
+
+
+def next_tier(ticket: Ticket) -> str | None:
+    """The tier an escalation hands the incident to; None at the top."""
+    path = DESKTOP_PATH if ticket.desktop else OTHER_PATH
+    if ticket.tier not in path:
+        return path[1]
+    index = path.index(ticket.tier)
+    return path[index + 1] if index + 1 < len(path) else None
+
+
+def roles_on(ticket: Ticket, sender: str, roles: Roles) -> frozenset[str]:
+    """The sender's roles relative to this ticket."""
+    held = {"anyone"}
+    global_roles = roles.of(sender)
+    if sender == ticket.requester:
+        held.add("requester")
+    if global_roles & {"service_desk", "service_desk_lead"}:
+        held.add("desk")
+    if sender == ticket.assignee or sender in roles.tier_members(ticket.tier):
+        held.add("tier")
+    if "incident_manager" in global_roles:
+        held.add("im")
+    if ticket.kind == "request":
+        if sender in roles.approvers_for(ticket.request_type):
+            held.add("approver")
+        if sender in roles.executors_for(ticket.request_type):
+            held.add("executor")
+    return frozenset(held)
+
+
+def check(ticket: Ticket, action: str, held: frozenset[str]) -> str | None:
+    """None when allowed, else why not (in both languages)."""
+    transition = table(ticket).get(action)
+    if transition is None:
+        return f"“{action}” 不适用于此类工单 / does not apply to a {ticket.kind}"
+    if ticket.status not in transition.statuses:
+        return (
+            f"工单当前状态为 {ticket.status}，不能执行 “{action}” / "
+            f"not possible while the ticket is {ticket.status}"
+        )
+    if not held & transition.roles:
+        who = "、".join(ROLE_NAMES[r] for r in sorted(transition.roles))
+        return f"只有 {who} 可以执行 “{action}” / only {who} may do this"
+    return None
+
+
+def allowed(ticket: Ticket, held: frozenset[str]) -> list[str]:
+    """Actions this sender may take now (told to them when a command is refused)."""
+    return [
+        action
+        for action, t in table(ticket).items()
+        if ticket.status in t.statuses and held & t.roles
+    ]

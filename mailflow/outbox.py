@@ -1,0 +1,167 @@
+"""The relay: sends queued outbox rows over SMTP with retry, backoff and dead-lettering.
+
+Connection errors and 4xx answers leave a row queued with a later `next_attempt_at`; a 5xx
+answer dead-letters that recipient only. A crash after the server accepted a mail but
+before the row was marked sent re-sends it once, with the same Message-ID.
+With no `[smtp] host`, mail is written to the pickup directory instead (embedded default).
+"""
+
+from __future__ import annotations
+
+import logging
+import ssl
+from collections.abc import Callable
+from dataclasses import dataclass
+from datetime import datetime, timedelta
+
+import aiosmtplib
+from sqlalchemy import select
+
+from mailflow.config import SmtpConfig
+from mailflow.db import Database
+from mailflow.models import Outbox
+
+log = logging.getLogger(__name__)
+
+BATCH = 100
+BACKOFF_FIRST = timedelta(seconds=30)
+BACKOFF_MAX = timedelta(hours=1)
+
+
+@dataclass
+class RelayResult:
+    sent: int = 0
+    retried: int = 0
+    dead: int = 0
+
+
+def backoff(attempts: int) -> timedelta:
+    """30 s, 1 min, 2 min … at most an hour."""
+    return min(BACKOFF_FIRST * 2 ** max(attempts - 1, 0), BACKOFF_MAX)
+
+
+def _tls_context(cfg: SmtpConfig) -> ssl.SSLContext:
+    context = ssl.create_default_context(cafile=cfg.ca_file)
+    if not cfg.verify_tls:
+        context.check_hostname = False
+        context.verify_mode = ssl.CERT_NONE
+    return context
+
+
+def _client(cfg: SmtpConfig) -> aiosmtplib.SMTP:
+    return aiosmtplib.SMTP(
+        hostname=cfg.host,
+        port=cfg.port,
+        timeout=cfg.timeout,
+        use_tls=cfg.security == "tls",
+        start_tls=cfg.security == "starttls",
+        tls_context=_tls_context(cfg) if cfg.security != "none" else None,
+        username=cfg.username or None,
+        password=cfg.password or None,
+    )
+
+
+def _due(db: Database, now: datetime) -> list[int]:
+    with db.sessions() as session:
+        return list(
+            session.scalars(
+                select(Outbox.id)
+                .where(Outbox.state == "queued", Outbox.next_attempt_at <= now)
+                .order_by(Outbox.id)
+                .limit(BATCH)
+            )
+        )
+
+
+def _finish(
+    db: Database, row_id: int, now: datetime, cfg: SmtpConfig, error: str | None, permanent: bool
+) -> str:
+    """Record one attempt's outcome; returns the row's new state."""
+    with db.transaction() as session:
+        row = session.get(Outbox, row_id)
+        assert row is not None
+        row.attempts += 1
+        if error is None:
+            row.state, row.sent_at, row.last_error = "sent", now, None
+        elif permanent or row.attempts >= cfg.max_attempts:
+            row.state, row.last_error = "dead", error
+            log.error("outbox #%s to %s dead: %s", row.id, row.recipient, error)
+        else:
+            row.last_error = error
+            row.next_attempt_at = now + backoff(row.attempts)
+            log.warning("outbox #%s to %s retry later: %s", row.id, row.recipient, error)
+        return row.state
+
+
+def _claim(db: Database, row_id: int) -> Outbox | None:
+    """The row if it is still queued (another relay may have sent it meanwhile)."""
+    with db.transaction() as session:
+        query = select(Outbox).where(Outbox.id == row_id, Outbox.state == "queued")
+        if db.is_postgres:
+            query = query.with_for_update(skip_locked=True)
+        return session.scalar(query)
+
+
+async def relay(db: Database, cfg: SmtpConfig, clock: Callable[[], datetime]) -> RelayResult:
+    """Send every due row once; stops the batch early when the server is unreachable."""
+    result = RelayResult()
+    while ids := _due(db, clock()):
+        if not cfg.host:
+            for row_id in ids:
+                _deliver_to_pickup(db, cfg, row_id, clock())
+                result.sent += 1
+            continue
+        smtp = _client(cfg)
+        try:
+            await smtp.connect()
+        except (aiosmtplib.SMTPException, OSError) as exc:
+            for row_id in ids:
+                _finish(db, row_id, clock(), cfg, f"cannot connect: {exc}", permanent=False)
+                result.retried += 1
+            return result
+        try:
+            for row_id in ids:
+                row = _claim(db, row_id)
+                if row is None:
+                    continue
+                error, permanent = None, False
+                try:
+                    await smtp.sendmail(row.sender, [row.recipient], row.raw)
+                except aiosmtplib.SMTPRecipientsRefused as exc:
+                    refusal = exc.recipients[0] if exc.recipients else None
+                    permanent = refusal is not None and refusal.code >= 500
+                    error = str(refusal or exc)
+                except aiosmtplib.SMTPResponseException as exc:
+                    permanent = exc.code >= 500
+                    error = f"{exc.code} {exc.message}"
+                except (aiosmtplib.SMTPException, OSError) as exc:
+                    state = _finish(db, row_id, clock(), cfg, f"{exc}", permanent=False)
+                    result.retried += state == "queued"
+                    result.dead += state == "dead"
+                    return result  # the connection is gone: try the rest later
+                state = _finish(db, row_id, clock(), cfg, error, permanent)
+                result.sent += state == "sent"
+                result.retried += state == "queued"
+                result.dead += state == "dead"
+                if not smtp.is_connected:
+                    return result  # the server hung up (e.g. 421): try the rest later
+        finally:
+            if smtp.is_connected:
+                try:
+                    await smtp.quit()
+                except (aiosmtplib.SMTPException, OSError):
+                    smtp.close()
+        if len(ids) < BATCH:
+            break
+    return result
+
+
+def _deliver_to_pickup(db: Database, cfg: SmtpConfig, row_id: int, now: datetime) -> None:
+    """Embedded default: write the mail to `pickup_dir` as NNNNNN.eml."""
+    assert cfg.pickup_dir is not None
+    cfg.pickup_dir.mkdir(parents=True, exist_ok=True)
+    with db.transaction() as session:
+        row = session.get(Outbox, row_id)
+        assert row is not None
+        (cfg.pickup_dir / f"{row.id:06d}.eml").write_bytes(row.raw)
+        row.state, row.sent_at, row.attempts = "sent", now, row.attempts + 1

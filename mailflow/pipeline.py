@@ -1,0 +1,203 @@
+"""From stored raw mail to tickets and queued notifications, one transaction per message.
+
+`store()` records the raw bytes first (unique per mailbox position and per Message-ID);
+`process_pending()` then takes each pending row in order: parse → drop automatic mail →
+find the ticket → open one (classified by rules/) or apply the reply → queue notifications.
+A message that raises is rolled back and quarantined with its error; the next goes on.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import logging
+import re
+from collections.abc import Callable
+from dataclasses import dataclass
+from datetime import datetime, timedelta
+
+from sqlalchemy import select
+from sqlalchemy.exc import SQLAlchemyError
+from sqlalchemy.orm import Session
+
+from mailflow import incidents, requests, tracking
+from mailflow.desk import Desk
+from mailflow.mail import ParsedMail, parse
+from mailflow.models import Inbound, Ticket
+from mailflow.tickets import open_ticket, record
+
+log = logging.getLogger(__name__)
+
+QUARANTINE_RETRIES = 3
+_MESSAGE_ID = re.compile(rb"^message-id:[ \t]*(.*(?:\r?\n[ \t].*)*)", re.IGNORECASE | re.MULTILINE)
+_HEADER_END = re.compile(rb"\r?\n\r?\n")
+
+
+def message_id_of(raw: bytes) -> str:
+    """The Message-ID without <>, or a hash of the bytes when there is none."""
+    end = _HEADER_END.search(raw)
+    head = raw[: end.start()] if end else raw[:65536]
+    match = _MESSAGE_ID.search(head)
+    if match:
+        value = b" ".join(match.group(1).split()).decode("ascii", "replace").strip()
+        value = value.strip("<>").strip() if value.count("<") <= 1 else value
+        inner = re.search(r"<([^<>]+)>", value)
+        value = inner.group(1).strip() if inner else value
+        if value:
+            return value[:490]
+    return f"sha256-{hashlib.sha256(raw).hexdigest()}@mailflow.invalid"
+
+
+def store(
+    session: Session, mailbox: str, key: str, uid: int | None, raw: bytes, now: datetime
+) -> Inbound | None:
+    """Record a raw message as pending; None when this mailbox position is already stored.
+
+    A second copy of a Message-ID already stored (e.g. the desk in To and Cc of two
+    mailboxes) is kept but marked ignored, so nothing is processed twice.
+    """
+    if session.scalar(select(Inbound.id).where(Inbound.source_key == key)) is not None:
+        return None
+    message_id = message_id_of(raw)
+    first = session.scalar(select(Inbound.id).where(Inbound.dedup_key == message_id))
+    row = Inbound(
+        source_key=key,
+        mailbox=mailbox,
+        uid=uid,
+        message_id=message_id,
+        dedup_key=None if first else message_id,
+        raw=raw,
+        size=len(raw),
+        received_at=now,
+        state="ignored" if first else "pending",
+        reason=f"duplicate of inbound #{first}" if first else None,
+        attempts=0,
+    )
+    session.add(row)
+    session.flush()
+    return row
+
+
+@dataclass
+class Outcome:
+    state: str
+    reason: str | None = None
+    ticket: Ticket | None = None
+
+
+def _automatic(desk: Desk, mail: ParsedMail) -> str | None:
+    if mail.auto:
+        return mail.auto
+    if mail.from_addr == desk.address:
+        return "sent from the desk's own address"
+    if not mail.from_addr:
+        return "no sender address"
+    return None
+
+
+def handle(session: Session, desk: Desk, inbound: Inbound, now: datetime) -> Outcome:
+    """Process one stored message inside the caller's transaction."""
+    limits = desk.settings.limits
+    mail = parse(
+        inbound.raw,
+        max_attachment_bytes=limits.max_attachment_bytes,
+        max_attachments=limits.max_attachments,
+    )
+    inbound.from_addr = mail.from_addr[:320]
+    inbound.to_addrs = ", ".join(mail.to + mail.cc)
+    inbound.subject = mail.subject
+    inbound.text = mail.new_text
+    inbound.sent_at = mail.date
+    automatic = _automatic(desk, mail)
+    if automatic:
+        return Outcome("ignored", f"automatic mail: {automatic}")
+    ticket = tracking.find_ticket(session, mail.subject, mail.in_reply_to, mail.references)
+    process = incidents if ticket is None or ticket.kind == "incident" else requests
+    if ticket is not None and _closed_too_long(desk, ticket, now):
+        parent, ticket = ticket, None
+    else:
+        parent = None
+    if ticket is None:
+        found = desk.rules.classify(mail.subject, mail.text, mail.from_addr)
+        ticket = open_ticket(session, desk, mail, inbound, found, now)
+        if parent is not None:
+            ticket.parent_id = parent.id
+            record(session, ticket, "linked", "mailflow", now, f"follows closed {parent.ref}")
+        process = incidents if ticket.kind == "incident" else requests
+        process.on_new(session, desk, ticket, mail, inbound, now)
+    else:
+        inbound.ticket_id = ticket.id
+        tracking.remember(session, ticket, mail.message_id)
+        process.on_reply(session, desk, ticket, mail, inbound, now)
+    return Outcome("processed", None, ticket)
+
+
+def _closed_too_long(desk: Desk, ticket: Ticket, now: datetime) -> bool:
+    """A reply to an incident closed longer than the grace period opens a new one."""
+    return (
+        ticket.kind == "incident"
+        and ticket.status == "closed"
+        and ticket.closed_at is not None
+        and now - ticket.closed_at > desk.settings.incident.reopen_grace
+    )
+
+
+def process_one(desk: Desk, inbound_id: int, now: datetime) -> Outcome:
+    """Process one row in its own transaction; on failure quarantine it with the error."""
+    db = desk.db
+    try:
+        with db.transaction() as session:
+            inbound = session.get(Inbound, inbound_id, with_for_update=db.is_postgres)
+            if inbound is None or inbound.state not in ("pending", "quarantined"):
+                return Outcome(inbound.state if inbound else "missing")
+            outcome = handle(session, desk, inbound, now)
+            inbound.state, inbound.reason = outcome.state, outcome.reason
+            inbound.processed_at = now
+            inbound.attempts += 1
+    except SQLAlchemyError:
+        raise  # the database itself failed: the row stays as it was, retried later
+    except Exception as exc:  # noqa: BLE001 — a poison message must not stop the others
+        log.exception("inbound #%s quarantined", inbound_id)
+        with db.transaction() as session:
+            inbound = session.get(Inbound, inbound_id)
+            assert inbound is not None
+            inbound.attempts += 1
+            inbound.state = "quarantined"
+            inbound.reason = f"{type(exc).__name__}: {exc}"[:2000]
+            inbound.next_attempt_at = now + timedelta(minutes=5 * 2**inbound.attempts)
+        return Outcome("quarantined", inbound.reason)
+    return outcome
+
+
+def pending_ids(session: Session, now: datetime, limit: int = 500) -> list[int]:
+    """Pending rows in arrival order, then quarantined ones due for another try."""
+    ids = list(
+        session.scalars(
+            select(Inbound.id).where(Inbound.state == "pending").order_by(Inbound.id).limit(limit)
+        )
+    )
+    ids += session.scalars(
+        select(Inbound.id)
+        .where(
+            Inbound.state == "quarantined",
+            Inbound.attempts < QUARANTINE_RETRIES,
+            Inbound.next_attempt_at <= now,
+        )
+        .order_by(Inbound.id)
+        .limit(limit)
+    )
+    return ids
+
+
+def process_pending(desk: Desk, clock: Callable[[], datetime]) -> int:
+    """Process everything pending; returns how many rows were handled."""
+    done = 0
+    while True:
+        with desk.db.sessions() as session:
+            ids = pending_ids(session, clock())
+        if not ids:
+            return done
+        for inbound_id in ids:
+            process_one(desk, inbound_id, clock())
+            done += 1
+        if len(ids) < 500:
+            return done

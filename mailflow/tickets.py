@@ -1,0 +1,198 @@
+"""Tickets: open one from a mail, record events, query for the CLI and reports."""
+
+from __future__ import annotations
+
+from datetime import datetime
+from typing import TYPE_CHECKING, Any
+
+from sqlalchemy import func, select, update
+from sqlalchemy.orm import Session
+
+from mailflow import tracking
+from mailflow.models import Counter, Event, Inbound, Outbox, Person, Ticket
+from mailflow.rules import Classification
+
+if TYPE_CHECKING:
+    from mailflow.desk import Desk
+    from mailflow.mail import ParsedMail
+
+
+def next_number(session: Session, kind: str) -> int:
+    """The next ticket number for a kind, taken inside the caller's transaction."""
+    bumped = session.execute(
+        update(Counter).where(Counter.name == kind).values(value=Counter.value + 1)
+    )
+    if bumped.rowcount == 0:  # type: ignore[attr-defined]
+        session.add(Counter(name=kind, value=1))
+        session.flush()
+        return 1
+    return session.scalar(select(Counter.value).where(Counter.name == kind)) or 1
+
+
+def record(
+    session: Session,
+    ticket: Ticket,
+    action: str,
+    actor: str,
+    now: datetime,
+    detail: str = "",
+    **data: Any,
+) -> Event:
+    """Append an event: every change to a ticket is one row."""
+    event = Event(
+        ticket_id=ticket.id,
+        at=now,
+        action=action,
+        actor=actor,
+        detail=detail,
+        data=data or None,
+    )
+    session.add(event)
+    ticket.updated_at = now
+    return event
+
+
+def remember_person(session: Session, address: str, name: str, now: datetime) -> None:
+    person = session.get(Person, address)
+    if person is None:
+        session.add(Person(address=address, name=name or None, first_seen=now, last_seen=now))
+    else:
+        person.last_seen = now
+        if name and not person.name:
+            person.name = name
+
+
+def open_ticket(
+    session: Session,
+    desk: Desk,
+    mail: ParsedMail,
+    inbound: Inbound,
+    found: Classification,
+    now: datetime,
+) -> Ticket:
+    """A new ticket from a mail, classified; the first event says which rule decided."""
+    incident = found.kind == "incident"
+    tier = ("L2" if found.major else found.tier or "L1") if incident else None
+    ticket = Ticket(
+        kind=found.kind,
+        number=next_number(session, found.kind),
+        status="open" if incident else "pending_approval",
+        priority=found.priority,
+        category=found.category,
+        tier=tier,
+        major=found.major if incident else False,
+        desktop=found.desktop,
+        rule=found.rule,
+        request_type=found.request_type,
+        requester=mail.from_addr,
+        requester_name=mail.from_name or None,
+        subject=mail.subject or "(无主题)",
+        description=mail.new_text or mail.text,
+        created_at=now,
+        updated_at=now,
+    )
+    if incident:
+        ticket.due_at = desk.due(found.priority, now, "resolve")
+        ticket.response_due_at = desk.due(found.priority, now, "response")
+    session.add(ticket)
+    session.flush()
+    inbound.ticket_id = ticket.id
+    tracking.remember(session, ticket, mail.message_id)
+    remember_person(session, mail.from_addr, mail.from_name, now)
+    record(
+        session,
+        ticket,
+        "opened",
+        mail.from_addr,
+        now,
+        f"{found.kind} {found.category} {found.priority} tier={tier} rule={found.rule}",
+        rule=found.rule,
+        category=found.category,
+        priority=found.priority,
+        tier=tier,
+        major=ticket.major,
+    )
+    return ticket
+
+
+def inbound_count(session: Session, ticket_id: int) -> int:
+    return session.scalar(
+        select(func.count(Inbound.id)).where(
+            Inbound.ticket_id == ticket_id, Inbound.state == "processed"
+        )
+    ) or 0
+
+
+def _iso(value: datetime | None) -> str | None:
+    return value.isoformat().replace("+00:00", "Z") if value else None
+
+
+def as_json(session: Session, ticket: Ticket, messages: int | None = None) -> dict[str, Any]:
+    """The contract's ticket object."""
+    return {
+        "ref": ticket.ref,
+        "kind": ticket.kind,
+        "status": ticket.status,
+        "priority": ticket.priority,
+        "category": ticket.category,
+        "tier": ticket.tier,
+        "major": ticket.major,
+        "requester": ticket.requester,
+        "assignee": ticket.assignee,
+        "subject": ticket.subject,
+        "messages": inbound_count(session, ticket.id) if messages is None else messages,
+        "created_at": _iso(ticket.created_at),
+        "due_at": _iso(ticket.due_at),
+        "resolved_at": _iso(ticket.resolved_at),
+        "closed_at": _iso(ticket.closed_at),
+        "rule": ticket.rule,
+        "request_type": ticket.request_type,
+        "form": ticket.form,
+        "solution": ticket.solution,
+    }
+
+
+def detail_json(session: Session, ticket: Ticket) -> dict[str, Any]:
+    """`show REF --json`: the ticket plus every mail in and out and every event."""
+    data = as_json(session, ticket)
+    interactions: list[tuple[datetime, int, dict[str, Any]]] = []
+    for row in session.scalars(
+        select(Inbound).where(Inbound.ticket_id == ticket.id, Inbound.state == "processed")
+    ):
+        interactions.append(
+            (
+                row.received_at,
+                0,
+                {
+                    "direction": "in",
+                    "from": row.from_addr,
+                    "to": row.to_addrs,
+                    "subject": row.subject,
+                    "text": row.text,
+                    "at": _iso(row.received_at),
+                },
+            )
+        )
+    for out in session.scalars(select(Outbox).where(Outbox.ticket_id == ticket.id)):
+        interactions.append(
+            (
+                out.created_at,
+                1,
+                {
+                    "direction": "out",
+                    "from": out.sender,
+                    "to": out.recipient,
+                    "subject": out.subject,
+                    "text": out.text,
+                    "at": _iso(out.created_at),
+                    "state": out.state,
+                },
+            )
+        )
+    interactions.sort(key=lambda item: (item[0], item[1]))
+    data["interactions"] = [item[2] for item in interactions]
+    data["events"] = [
+        {"at": _iso(e.at), "action": e.action, "actor": e.actor, "detail": e.detail}
+        for e in ticket.events
+    ]
+    return data

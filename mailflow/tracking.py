@@ -1,0 +1,78 @@
+"""Threading: which ticket a mail belongs to, whatever the client did to the subject."""
+
+from __future__ import annotations
+
+import re
+from collections.abc import Iterable
+
+from sqlalchemy import select
+from sqlalchemy.orm import Session
+
+from mailflow.models import ThreadRef, Ticket
+
+TAG = re.compile(r"\[\s*(INC|REQ)\s*-\s*(\d{1,9})\s*\]", re.IGNORECASE)
+KINDS = {"INC": "incident", "REQ": "request"}
+
+
+def tag(ticket: Ticket) -> str:
+    """The subject tag, e.g. `[INC-42]`."""
+    return f"[{ticket.ref}]"
+
+
+def parse_ref(ref: str) -> tuple[str, int] | None:
+    """`INC-42` → ("incident", 42); None when it is not a ticket ref."""
+    match = re.fullmatch(r"\s*(INC|REQ)-(\d{1,9})\s*", ref, re.IGNORECASE)
+    return (KINDS[match.group(1).upper()], int(match.group(2))) if match else None
+
+
+def by_ref(session: Session, ref: str) -> Ticket | None:
+    parsed = parse_ref(ref)
+    if parsed is None:
+        return None
+    kind, number = parsed
+    return session.scalar(select(Ticket).where(Ticket.kind == kind, Ticket.number == number))
+
+
+def by_subject(session: Session, subject: str) -> Ticket | None:
+    """The ticket named by the first tag in the subject that exists."""
+    for match in TAG.finditer(subject):
+        kind, number = KINDS[match.group(1).upper()], int(match.group(2))
+        ticket = session.scalar(
+            select(Ticket).where(Ticket.kind == kind, Ticket.number == number)
+        )
+        if ticket is not None:
+            return ticket
+    return None
+
+
+def by_message_ids(session: Session, message_ids: Iterable[str]) -> Ticket | None:
+    """The ticket of the newest referenced Message-ID we know (sent or received)."""
+    ids = [m for m in message_ids if m][-50:]
+    if not ids:
+        return None
+    refs = dict(
+        session.execute(
+            select(ThreadRef.message_id, ThreadRef.ticket_id).where(ThreadRef.message_id.in_(ids))
+        ).all()
+    )
+    for message_id in reversed(ids):
+        if message_id in refs:
+            return session.get(Ticket, refs[message_id])
+    return None
+
+
+def find_ticket(
+    session: Session, subject: str, in_reply_to: list[str], references: list[str]
+) -> Ticket | None:
+    """Subject tag first, then In-Reply-To, then References."""
+    return (
+        by_subject(session, subject)
+        or by_message_ids(session, in_reply_to)
+        or by_message_ids(session, references)
+    )
+
+
+def remember(session: Session, ticket: Ticket, message_id: str) -> None:
+    """Record a Message-ID as belonging to the ticket (idempotent)."""
+    if message_id and session.get(ThreadRef, message_id) is None:
+        session.add(ThreadRef(message_id=message_id, ticket_id=ticket.id))
