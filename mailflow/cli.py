@@ -239,6 +239,7 @@ def cmd_report(args: argparse.Namespace) -> int:
 def cmd_demo(args: argparse.Namespace) -> int:
     from mailflow.demo import run_demo
 
+    logging.getLogger().setLevel(logging.WARNING)
     return run_demo(Path(args.dir) if args.dir else None)
 
 
