@@ -225,5 +225,30 @@ class KeyValue(Base):
     value: Mapped[str] = mapped_column(Text)
 
 
+class Approval(Base):
+    """One approver's single-use decision token on one step of a request's approval chain.
+
+    Only a hash of the token is kept; `decision` is set once (approve | reject) when the
+    approver decides, or `void` when the step was decided by someone else or the token was
+    replaced. A row with a decision never accepts another.
+    """
+
+    __tablename__ = "approvals"
+    __table_args__ = (Index("ix_approvals_ticket_step", "ticket_id", "step"),)
+
+    id: Mapped[int] = mapped_column(Integer, primary_key=True)
+    ticket_id: Mapped[int] = mapped_column(ForeignKey("tickets.id"))
+    step: Mapped[int] = mapped_column(Integer)  # 0-based position in the approval chain
+    group: Mapped[str] = mapped_column(String(200))  # the chain entry this step came from
+    approver: Mapped[str] = mapped_column(String(320))
+    token_hash: Mapped[str] = mapped_column(String(64), unique=True)
+    message_id: Mapped[str] = mapped_column(String(500))  # of the approval mail
+    created_at: Mapped[datetime] = mapped_column(UTCDateTime)
+    expires_at: Mapped[datetime] = mapped_column(UTCDateTime)
+    used_at: Mapped[datetime | None] = mapped_column(UTCDateTime)
+    decision: Mapped[str | None] = mapped_column(String(20))  # approve | reject | void
+    reason: Mapped[str | None] = mapped_column(Text)
+
+
 def utcnow() -> datetime:
     return datetime.now(UTC)

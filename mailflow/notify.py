@@ -89,26 +89,34 @@ def queue(
     in_reply_to: str | None = None,
     reply_to: str | None = None,
     attachments: Iterable[tuple[str, str, bytes]] = (),
+    message_id: str | None = None,
     **context: Any,
 ) -> list[Outbox]:
-    """Render `template` and queue it for each distinct recipient (never the desk itself)."""
+    """Render `template` and queue it for each distinct recipient (never the desk itself).
+
+    `message_id` fixes the Message-ID (e.g. one carrying an approval token); it is only
+    allowed with a single recipient, since every outgoing mail has its own.
+    """
     rendered = desk.renderer.render(template, ticket=ticket, desk=desk.settings.desk, **context)
     subject = clean_header(rendered.subject)
     if ticket is not None and tracking.tag(ticket) not in subject:
         subject = f"{tracking.tag(ticket)} {subject}"
     attachments = list(attachments)
     rows = []
-    for recipient in dict.fromkeys(r.strip().lower() for r in recipients if r):
+    targets = list(dict.fromkeys(r.strip().lower() for r in recipients if r))
+    if message_id is not None and len(targets) > 1:
+        raise ValueError("a fixed message_id needs exactly one recipient")
+    for recipient in targets:
         if recipient == desk.address or not desk.may_mail(session, recipient, now):
             continue
-        message_id = new_message_id(desk.address)
+        mid = message_id or new_message_id(desk.address)
         msg = build(
             desk,
             recipient=recipient,
             subject=subject,
             text=rendered.text,
             html=rendered.html,
-            message_id=message_id,
+            message_id=mid,
             now=now,
             ticket=ticket,
             in_reply_to=in_reply_to,
@@ -117,7 +125,7 @@ def queue(
         )
         row = Outbox(
             ticket_id=ticket.id if ticket is not None else None,
-            message_id=message_id,
+            message_id=mid,
             template=template,
             sender=desk.address,
             recipient=recipient,
@@ -131,6 +139,6 @@ def queue(
         )
         session.add(row)
         if ticket is not None:
-            tracking.remember(session, ticket, message_id)
+            tracking.remember(session, ticket, mid)
         rows.append(row)
     return rows
