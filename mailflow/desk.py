@@ -27,6 +27,11 @@ class Desk:
         self.settings = settings
         self.db = db or Database(settings.database_url)
         self.renderer = Renderer(settings.templates_dir, settings.desk.language, settings.desk.tz)
+        tz, hours = settings.desk.tz, sla.parse_hours(list(settings.sla.hours))
+        self._calendars = {
+            "24x7": sla.Calendar(tz, None, settings.sla.holidays),
+            "business": sla.Calendar(tz, hours, settings.sla.holidays),
+        }
         self.rules, problems = load_rules_lenient(settings.rules_dir)
         for problem in problems:
             log.error("rule problem, file skipped: %s", problem)

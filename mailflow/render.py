@@ -1,8 +1,8 @@
 """Jinja2 templates, one file per notification, in zh-CN (first) and en.
 
 A template `NAME.txt` defines `{% block subject %}` and `{% block body %}`; `NAME.html`, when
-present, is an HTML alternative (autoescaped). Macros in `_macros.txt` are there as `m`. Templates beside the config override the
-shipped ones; a language falls back to zh-CN.
+present, is an HTML alternative (autoescaped). Macros in `_macros.txt` are there as `m`.
+Templates beside the config override the shipped ones; a language falls back to zh-CN.
 """
 
 from __future__ import annotations

@@ -19,14 +19,17 @@ if TYPE_CHECKING:
 
 def next_number(session: Session, kind: str) -> int:
     """The next ticket number for a kind, taken inside the caller's transaction."""
-    bumped = session.execute(
-        update(Counter).where(Counter.name == kind).values(value=Counter.value + 1)
+    number = session.scalar(
+        update(Counter)
+        .where(Counter.name == kind)
+        .values(value=Counter.value + 1)
+        .returning(Counter.value)
     )
-    if bumped.rowcount == 0:  # type: ignore[attr-defined]
+    if number is None:
         session.add(Counter(name=kind, value=1))
         session.flush()
         return 1
-    return session.scalar(select(Counter.value).where(Counter.name == kind)) or 1
+    return number
 
 
 def record(
@@ -116,11 +119,14 @@ def open_ticket(
 
 
 def inbound_count(session: Session, ticket_id: int) -> int:
-    return session.scalar(
-        select(func.count(Inbound.id)).where(
-            Inbound.ticket_id == ticket_id, Inbound.state == "processed"
+    return (
+        session.scalar(
+            select(func.count(Inbound.id)).where(
+                Inbound.ticket_id == ticket_id, Inbound.state == "processed"
+            )
         )
-    ) or 0
+        or 0
+    )
 
 
 def _iso(value: datetime | None) -> str | None:
