@@ -301,6 +301,29 @@ def _clock(value: Any) -> time:
     return time(hour, minute)
 
 
+WEEKDAYS = ("mon", "tue", "wed", "thu", "fri", "sat", "sun")
+
+
+def weekly_schedule(value: str) -> tuple[int, time] | None:
+    """`[digest] weekly_report`: "mon 09:00" → (0, 09:00); "off" → None."""
+    if value.strip().lower() == "off":
+        return None
+    parts = value.split()
+    if len(parts) != 2 or parts[0].lower() not in WEEKDAYS:
+        raise ValueError(f"must be a weekday and a time like 'mon 09:00', or 'off'; got {value!r}")
+    return WEEKDAYS.index(parts[0].lower()), _clock(parts[1])
+
+
+def monthly_schedule(value: str) -> tuple[int, time] | None:
+    """`[digest] monthly_report`: "1 09:00" (day 1–28 of the month) → (1, 09:00); "off" → None."""
+    if value.strip().lower() == "off":
+        return None
+    parts = value.split()
+    if len(parts) != 2 or not parts[0].isdigit() or not 1 <= int(parts[0]) <= 28:
+        raise ValueError(f"must be a day 1-28 and a time like '1 09:00', or 'off'; got {value!r}")
+    return int(parts[0]), _clock(parts[1])
+
+
 def _choice(r: _Reader, section: str, key: str, default: str, allowed: tuple[str, ...]) -> str:
     value = r.get(section, key, str, default)
     if value not in allowed:
@@ -445,6 +468,11 @@ def _read(path: Path) -> tuple[Settings | None, list[Problem]]:
         weekly_report=r.get("digest", "weekly_report", str, "mon 09:00"),
         monthly_report=r.get("digest", "monthly_report", str, "1 09:00"),
     )
+    for key, parse in (("weekly_report", weekly_schedule), ("monthly_report", monthly_schedule)):
+        try:
+            parse(getattr(digest, key))
+        except ValueError as exc:
+            r.problem(f"digest.{key}", str(exc))
 
     limits = LimitSettings(
         max_message_bytes=r.get("limits", "max_message_bytes", int, 25_000_000),
