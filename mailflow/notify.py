@@ -56,13 +56,18 @@ def build(
     in_reply_to: str | None = None,
     reply_to: str | None = None,
     attachments: Iterable[tuple[str, str, bytes]] = (),
+    inline: Iterable[tuple[str, str, bytes]] = (),
 ) -> Message:
-    """The outgoing message, ready to send (compat32 MIME classes: 6× faster to build)."""
+    """The outgoing message, ready to send (compat32 MIME classes: 6× faster to build).
+
+    `inline` (Content-ID, type, data) parts go with the HTML in a multipart/related, so the
+    HTML shows them as `<img src="cid:...">`.
+    """
     body: Message = MIMEText(text, "plain", "utf-8")
     if html:
         alternative = MIMEMultipart("alternative")
         alternative.attach(body)
-        alternative.attach(MIMEText(html, "html", "utf-8"))
+        alternative.attach(_related(MIMEText(html, "html", "utf-8"), inline))
         body = alternative
     attachments = list(attachments)
     if attachments:
@@ -92,6 +97,23 @@ def build(
     return body
 
 
+def _related(html: Message, inline: Iterable[tuple[str, str, bytes]]) -> Message:
+    parts = list(inline)
+    if not parts:
+        return html
+    related = MIMEMultipart("related")
+    related.attach(html)
+    for cid, content_type, data in parts:
+        maintype, _, subtype = content_type.partition("/")
+        part = MIMEBase(maintype, subtype)
+        part.set_payload(data)
+        encode_base64(part)
+        part.add_header("Content-ID", f"<{cid}>")
+        part.add_header("Content-Disposition", "inline", filename=cid.split("@")[0])
+        related.attach(part)
+    return related
+
+
 def queue(
     session: Session,
     desk: Desk,
@@ -103,6 +125,7 @@ def queue(
     in_reply_to: str | None = None,
     reply_to: str | None = None,
     attachments: Iterable[tuple[str, str, bytes]] = (),
+    inline: Iterable[tuple[str, str, bytes]] = (),
     message_id: str | None = None,
     **context: Any,
 ) -> list[Outbox]:
@@ -115,7 +138,7 @@ def queue(
     subject = clean_header(rendered.subject)
     if ticket is not None and tracking.tag(ticket) not in subject:
         subject = f"{tracking.tag(ticket)} {subject}"
-    attachments = list(attachments)
+    attachments, inline = list(attachments), list(inline)
     rows = []
     targets = list(dict.fromkeys(r.strip().lower() for r in recipients if r))
     if message_id is not None and len(targets) > 1:
@@ -136,6 +159,7 @@ def queue(
             in_reply_to=in_reply_to,
             reply_to=reply_to,
             attachments=attachments,
+            inline=inline,
         )
         row = Outbox(
             ticket_id=ticket.id if ticket is not None else None,
