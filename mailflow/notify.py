@@ -17,6 +17,7 @@ from email.message import Message
 from email.mime.base import MIMEBase
 from email.mime.multipart import MIMEMultipart
 from email.mime.text import MIMEText
+from email.policy import compat32
 from email.utils import format_datetime, formataddr
 from typing import TYPE_CHECKING, Any
 
@@ -29,6 +30,8 @@ if TYPE_CHECKING:
     from mailflow.desk import Desk
 
 MARKER = "X-Mailflow"
+# Headers are encoded when set (RFC 2047, folded), so the generator need not fold them again.
+WIRE = compat32.clone(linesep="\r\n", max_line_length=None)
 _CONTROL = re.compile(r"[\x00-\x1f\x7f]+")
 
 
@@ -169,7 +172,7 @@ def queue(
             recipient=recipient,
             subject=subject,
             text=rendered.text,
-            raw=msg.as_bytes(),
+            raw=msg.as_bytes(policy=WIRE),
             state="queued",
             attempts=0,
             next_attempt_at=now,
