@@ -1,0 +1,382 @@
+"""The daily digest: one mail per person per day, at `[digest] time` in the desk's time zone.
+
+Each person gets the sections of every role they hold, in one mail:
+- engineers (L1/L2/L3/IM members, and anyone with incidents assigned): the open incidents
+  their tier owns or they are assigned, oldest first, with SLA state and time waited;
+- approvers: the requests waiting for their decision, with how to answer;
+- incident manager and service desk lead: yesterday's figures, open incidents by tier and
+  priority, major incidents, breaches, escalations, and the target achievement rate for
+  yesterday and the month to date (same definitions as the report, docs/metrics.md).
+
+Nobody gets an empty digest unless `[digest] send_empty`. Sending is claimed in the
+`job_runs` table under ("digest", "<local date>:<address>") in the same transaction that
+queues the mail, so several daemons or a restart across the hour send it once; a daemon
+that was down at the hour sends it when it comes back (the job catches up at start).
+"""
+
+from __future__ import annotations
+
+import logging
+from collections import Counter
+from dataclasses import dataclass, field
+from datetime import date, datetime, timedelta
+from typing import TYPE_CHECKING, Any
+
+from apscheduler.triggers.cron import CronTrigger
+from sqlalchemy import func, select
+from sqlalchemy.exc import IntegrityError
+from sqlalchemy.orm import Session
+
+from mailflow import jobs, metrics, notify, report
+from mailflow.metrics import Facts
+from mailflow.models import JobRun, Outbox, Ticket
+
+if TYPE_CHECKING:
+    from mailflow.desk import Desk
+
+log = logging.getLogger(__name__)
+
+JOB = "digest"
+TIERS = ("L1", "L2", "L3", "IM")
+TEMPLATES = {
+    "manager": "digest_manager",
+    "approver": "digest_approver",
+    "engineer": "digest_engineer",
+}
+
+
+@dataclass(frozen=True)
+class DigestItem:
+    """One person's digest for the day (queued, or only built with --dry-run)."""
+
+    role: str  # the main role: manager | approver | engineer
+    roles: tuple[str, ...]
+    recipient: str
+    subject: str
+    text: str
+
+
+@dataclass(frozen=True)
+class QueueRow:
+    """One open incident in an engineer's queue."""
+
+    ref: str
+    subject: str
+    priority: str
+    tier: str | None
+    status: str
+    assignee: str | None
+    major: bool
+    requester: str
+    created_at: datetime
+    deadline: datetime | None
+    waited: timedelta
+    used: float
+    state: str  # ok | at_risk | breached
+
+
+@dataclass(frozen=True)
+class ApprovalRow:
+    """One request waiting for an approver's decision."""
+
+    ref: str
+    subject: str
+    requester: str
+    request_type: str | None
+    since: datetime
+    waited: timedelta
+    step: int | None
+
+
+@dataclass
+class Snapshot:
+    """Everything the day's digests show, read once."""
+
+    day: date
+    yesterday: date
+    now: datetime
+    open: list[Facts]
+    rows: dict[str, QueueRow]
+    approvals: dict[str, list[ApprovalRow]] = field(default_factory=dict)
+    overview: dict[str, Any] = field(default_factory=dict)
+
+
+# -- reading ------------------------------------------------------------------------------
+
+
+def _row(f: Facts, now: datetime, warn_at: float) -> QueueRow:
+    return QueueRow(
+        ref=f.ref,
+        subject=f.subject,
+        priority=f.priority,
+        tier=f.tier,
+        status=f.status,
+        assignee=f.assignee,
+        major=f.major,
+        requester=f.requester,
+        created_at=f.created_at,
+        deadline=f.deadline,
+        waited=now - f.created_at,
+        used=f.used,
+        state=f.sla_state(warn_at),
+    )
+
+
+def _waiting_approvers(
+    session: Session, desk: Desk, ticket: Ticket
+) -> list[tuple[str, int | None, datetime]]:
+    """(approver, step, waiting since) for a request in pending_approval."""
+    try:
+        from mailflow import approvals
+    except ImportError:
+        approvals = None  # type: ignore[assignment]
+    if approvals is not None:
+        step = approvals.current_step(session, ticket)
+        if step is not None:
+            return [
+                (r.approver, step, r.created_at) for r in approvals.open_rows(session, ticket, step)
+            ]
+    since = _entered(ticket, "pending_approval")
+    return [(a, None, since) for a in desk.settings.roles.approvers_for(ticket.request_type)]
+
+
+def _entered(ticket: Ticket, status: str) -> datetime:
+    """When the ticket last entered `status` (its creation when no event says)."""
+    times = [
+        e.at for e in ticket.events if e.action == "status" and (e.data or {}).get("new") == status
+    ]
+    return max(times, default=ticket.created_at)
+
+
+def _approvals(session: Session, desk: Desk, now: datetime) -> dict[str, list[ApprovalRow]]:
+    out: dict[str, list[ApprovalRow]] = {}
+    waiting = session.scalars(
+        select(Ticket)
+        .where(Ticket.kind == "request", Ticket.status == "pending_approval")
+        .order_by(Ticket.created_at, Ticket.id)
+    )
+    for ticket in waiting:
+        for approver, step, since in _waiting_approvers(session, desk, ticket):
+            out.setdefault(approver.lower(), []).append(
+                ApprovalRow(
+                    ref=ticket.ref,
+                    subject=ticket.subject,
+                    requester=ticket.requester,
+                    request_type=ticket.request_type,
+                    since=since,
+                    waited=now - since,
+                    step=step,
+                )
+            )
+    return out
+
+
+def _overview(desk: Desk, facts: list[Facts], yesterday: date, now: datetime) -> dict[str, Any]:
+    """The managers' section: yesterday, open incidents, breaches and the rate."""
+    tz = desk.settings.desk.tz
+    y_start, y_end = report.window(yesterday, yesterday, tz)
+    m_start, _ = report.window(yesterday.replace(day=1), yesterday, tz)
+    day = report.summarize(facts, y_start, y_end, now)
+    month = report.summarize(facts, m_start, y_end, now)
+    open_ = [f for f in facts if f.is_open]
+    warn_at = desk.settings.sla.warn_at
+    by_tier: dict[str, Counter[str]] = {}
+    for f in open_:
+        by_tier.setdefault(f.tier or "-", Counter())[f.priority] += 1
+    tiers = [t for t in (*TIERS, *sorted(by_tier)) if t in by_tier]
+    return {
+        "date": yesterday,
+        "month_since": yesterday.replace(day=1),
+        "day": day,
+        "month": month,
+        "new_requests": _count_requests(desk, y_start, y_end),
+        "new": [_row(f, now, warn_at) for f in facts if y_start <= f.created_at < y_end],
+        "resolved": [
+            _row(f, now, warn_at)
+            for f in facts
+            if f.resolved_at and y_start <= f.resolved_at < y_end
+        ],
+        "reopened": [
+            _row(f, now, warn_at) for f in facts if metrics.in_window(f.reopens, y_start, y_end)
+        ],
+        "escalated": [
+            _row(f, now, warn_at) for f in facts if metrics.in_window(f.escalations, y_start, y_end)
+        ],
+        "breaches": [_row(f, now, warn_at) for f in facts if f.missed_in(y_start, y_end, now)],
+        "major": [
+            _row(f, now, warn_at)
+            for f in facts
+            if f.major and (f.is_open or y_start <= f.created_at < y_end)
+        ],
+        "open_total": len(open_),
+        "open_breached": sum(f.sla_state(warn_at) == "breached" for f in open_),
+        "open_at_risk": sum(f.sla_state(warn_at) == "at_risk" for f in open_),
+        "by_tier": {t: {p: by_tier[t][p] for p in report.PRIORITIES} for t in tiers},
+        "by_priority": {p: sum(c[p] for c in by_tier.values()) for p in report.PRIORITIES},
+    }
+
+
+def _count_requests(desk: Desk, start: datetime, end: datetime) -> int:
+    with desk.db.sessions() as session:
+        count = session.scalar(
+            select(func.count(Ticket.id)).where(
+                Ticket.kind == "request", Ticket.created_at >= start, Ticket.created_at < end
+            )
+        )
+    return count or 0
+
+
+def snapshot(desk: Desk, now: datetime) -> Snapshot:
+    """Read the day's digest data once, for everybody."""
+    day = now.astimezone(desk.settings.desk.tz).date()
+    warn_at = desk.settings.sla.warn_at
+    with desk.db.sessions() as session:
+        facts = metrics.load(session, desk, now)
+        approvals = _approvals(session, desk, now)
+    open_ = [f for f in facts if f.is_open]
+    snap = Snapshot(
+        day=day,
+        yesterday=day - timedelta(days=1),
+        now=now,
+        open=open_,
+        rows={f.ref: _row(f, now, warn_at) for f in open_},
+        approvals=approvals,
+    )
+    snap.overview = _overview(desk, facts, snap.yesterday, now)
+    return snap
+
+
+# -- who gets what ------------------------------------------------------------------------
+
+
+def people(desk: Desk, snap: Snapshot) -> dict[str, list[str]]:
+    """Every address that may get a digest, with its roles (manager, approver, engineer)."""
+    roles = desk.settings.roles
+    out: dict[str, list[str]] = {}
+
+    def add(address: str, role: str) -> None:
+        held = out.setdefault(address.lower(), [])
+        if role not in held:
+            held.append(role)
+
+    for address in (*roles.incident_manager, *roles.service_desk_lead):
+        add(address, "manager")
+    for approvers in roles.approvers.values():
+        for address in approvers:
+            add(address, "approver")
+    for address in snap.approvals:
+        add(address, "approver")
+    for tier in TIERS:
+        for address in roles.tier_members(tier):
+            add(address, "engineer")
+    for f in snap.open:
+        if f.assignee:
+            add(f.assignee, "engineer")
+    order = list(TEMPLATES)
+    return {a: sorted(r, key=order.index) for a, r in out.items()}
+
+
+def queue_for(desk: Desk, snap: Snapshot, address: str) -> list[QueueRow]:
+    """Open incidents the person's tiers own or the person is assigned, oldest first."""
+    roles = desk.settings.roles
+    tiers = {t for t in TIERS if address in roles.tier_members(t)}
+    mine = [f for f in snap.open if f.tier in tiers or f.assignee == address]
+    return [snap.rows[f.ref] for f in sorted(mine, key=lambda f: (f.created_at, f.id))]
+
+
+def _overview_empty(overview: dict[str, Any]) -> bool:
+    keys = ("new", "resolved", "reopened", "escalated", "breaches", "major")
+    return (
+        not overview["open_total"]
+        and not any(overview[k] for k in keys)
+        and not (overview["day"]["incidents"] or overview["new_requests"])
+    )
+
+
+def context_for(desk: Desk, snap: Snapshot, address: str, roles: list[str]) -> dict[str, Any]:
+    """The template context of one person's digest; `empty` when it has nothing to say."""
+    queue = queue_for(desk, snap, address) if "engineer" in roles else []
+    approvals = snap.approvals.get(address, []) if "approver" in roles else []
+    overview = snap.overview if "manager" in roles else None
+    empty = not queue and not approvals and (overview is None or _overview_empty(overview))
+    return {
+        "recipient": address,
+        "roles": roles,
+        "day": snap.day,
+        "now": snap.now,
+        "queue": queue,
+        "states": Counter(row.state for row in queue),
+        "approvals": approvals,
+        "overview": overview,
+        "empty": empty,
+    }
+
+
+# -- sending ------------------------------------------------------------------------------
+
+
+def _claimed(desk: Desk, key: str) -> bool:
+    with desk.db.sessions() as session:
+        return session.get(JobRun, (JOB, key)) is not None
+
+
+def _queue_once(
+    desk: Desk, key: str, template: str, address: str, ctx: dict[str, Any], now: datetime
+) -> Outbox | None:
+    """Claim the person's day and queue the digest in one transaction: both, or neither."""
+    try:
+        with desk.db.transaction() as session:
+            session.add(JobRun(job=JOB, key=key, at=now))
+            session.flush()
+            rows = notify.queue(session, desk, template, [address], now, **ctx)
+    except IntegrityError:
+        return None  # another daemon (or an earlier run) sent it
+    if not rows:  # mail to this address is suppressed: the day is claimed, nothing sent
+        log.info("digest for %s suppressed", address)
+        return None
+    return rows[0]
+
+
+def run_digests(desk: Desk, now: datetime, dry_run: bool = False) -> list[DigestItem]:
+    """Build today's digests and queue those not sent yet (only build them with dry_run)."""
+    snap = snapshot(desk, now)
+    send_empty = desk.settings.digest.send_empty
+    items = []
+    for address, roles in people(desk, snap).items():
+        if address == desk.address:
+            continue
+        key = f"{snap.day.isoformat()}:{address}"
+        ctx = context_for(desk, snap, address, roles)
+        if (ctx["empty"] and not send_empty) or _claimed(desk, key):
+            continue
+        template = TEMPLATES[roles[0]]
+        if dry_run:
+            rendered = desk.renderer.render(template, ticket=None, desk=desk.settings.desk, **ctx)
+            subject, text = rendered.subject, rendered.text
+        else:
+            row = _queue_once(desk, key, template, address, ctx, now)
+            if row is None:
+                continue
+            subject, text = row.subject, row.text
+        items.append(DigestItem(roles[0], tuple(roles), address, subject, text))
+    log.info("digests for %s: %d %s", snap.day, len(items), "built" if dry_run else "queued")
+    return items
+
+
+def due(desk: Desk, now: datetime) -> bool:
+    """Whether today's digest time has come in the desk's time zone."""
+    local = now.astimezone(desk.settings.desk.tz)
+    return local.time() >= desk.settings.digest.time
+
+
+def run_scheduled(desk: Desk, now: datetime) -> list[DigestItem]:
+    """The job: at (or, catching up, after) the digest time, send what is not sent yet."""
+    return run_digests(desk, now) if due(desk, now) else []
+
+
+def _trigger(desk: Desk) -> CronTrigger:
+    at = desk.settings.digest.time
+    return CronTrigger(hour=at.hour, minute=at.minute, timezone=desk.settings.desk.timezone)
+
+
+jobs.register(jobs.Job(name=JOB, run=run_scheduled, trigger=_trigger, catch_up=True))

@@ -1,0 +1,243 @@
+"""Per-incident SLA facts read from the event log: the one source of every digest and report.
+
+The status history of an incident is rebuilt from its events (`status` events, and the
+`pending` / `resolved` / `reopened` / `confirmed` / `problem` actions). As in the SLA jobs,
+the resolution clock runs on the priority's calendar from `created_at` only while the
+incident is `open`: it stands still while `pending` (waiting for the requester), `resolved`
+(waiting for confirmation) or handed to problem management. A reopen restarts it; the
+incident is judged by its final resolution. docs/metrics.md defines every figure built on
+these facts.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Iterable, Sequence
+from dataclasses import dataclass, field
+from datetime import datetime, timedelta
+from typing import TYPE_CHECKING
+
+from sqlalchemy import select
+from sqlalchemy.orm import Session, selectinload
+
+from mailflow import sla
+from mailflow.models import Event, Ticket
+
+if TYPE_CHECKING:
+    from mailflow.desk import Desk
+
+RUNNING = "open"
+DONE = frozenset({"resolved", "closed"})
+OPEN = ("open", "pending")
+ACTION_STATUS = {
+    "pending": "pending",
+    "resolved": "resolved",
+    "reopened": "open",
+    "confirmed": "closed",
+    "auto_closed": "closed",
+    "closed": "closed",
+    "problem": "problem",
+}
+
+
+@dataclass
+class Facts:
+    """What the event log says about one incident, as of `now`."""
+
+    id: int
+    ref: str
+    subject: str
+    priority: str
+    tier: str | None
+    category: str
+    requester: str
+    assignee: str | None
+    major: bool
+    status: str
+    created_at: datetime
+    responded_at: datetime | None
+    target: timedelta
+    response_target: timedelta
+    changes: list[tuple[datetime, str]]
+    pauses: list[sla.Pause] = field(default_factory=list)
+    resolved_at: datetime | None = None  # the final resolution; None while not resolved
+    resolutions: list[datetime] = field(default_factory=list)  # every time it was resolved
+    reopens: list[datetime] = field(default_factory=list)
+    escalations: list[datetime] = field(default_factory=list)
+    handoffs: list[datetime] = field(default_factory=list)
+    deadline: datetime | None = None  # None while the clock stands still before it
+    used: float = 0.0  # share of the resolution target used (at resolution, or by now)
+    resolve_seconds: float | None = None
+    respond_seconds: float | None = None
+
+    @property
+    def within_target(self) -> bool:
+        return (
+            self.resolved_at is not None
+            and self.deadline is not None
+            and self.resolved_at <= self.deadline
+        )
+
+    @property
+    def paused(self) -> bool:
+        return self.status == "pending"
+
+    @property
+    def is_open(self) -> bool:
+        return self.status in OPEN
+
+    def due_in(self, start: datetime, end: datetime, now: datetime) -> bool:
+        """Its deadline fell in [start, end): passed by `now`, or known early by a resolution."""
+        if self.deadline is None or not start <= self.deadline < end:
+            return False
+        return self.deadline <= now or self.resolved_at is not None
+
+    def missed_in(self, start: datetime, end: datetime, now: datetime) -> bool:
+        """A breach in [start, end): due there and not resolved by its deadline."""
+        return self.due_in(start, end, now) and not self.within_target
+
+    def sla_state(self, warn_at: float) -> str:
+        """ok | at_risk | breached, for an open incident."""
+        if self.used >= 1.0:
+            return "breached"
+        return "at_risk" if self.used >= warn_at else "ok"
+
+
+def status_changes(ticket: Ticket) -> list[tuple[datetime, str]]:
+    """(when, new status) from the events, starting with `open` at creation."""
+    status = "open"
+    changes = [(ticket.created_at, status)]
+    for event in sorted(ticket.events, key=lambda e: (e.at, e.id)):
+        new = None
+        if event.action == "status" and event.data and event.data.get("new"):
+            new = str(event.data["new"])
+        elif event.action in ACTION_STATUS:
+            new = ACTION_STATUS[event.action]
+        if new and new != status:
+            changes.append((event.at, new))
+            status = new
+    if status != ticket.status:  # an unrecorded change: trust the ticket row
+        changes.append((max(ticket.updated_at, changes[-1][0]), ticket.status))
+    return changes
+
+
+def _segments(
+    changes: Sequence[tuple[datetime, str]],
+) -> list[tuple[datetime, datetime | None, str]]:
+    ends: list[datetime | None] = [at for at, _ in changes[1:]]
+    return [(at, end, status) for (at, status), end in zip(changes, [*ends, None], strict=True)]
+
+
+def _action_times(events: Iterable[Event], action: str) -> list[datetime]:
+    return sorted(e.at for e in events if e.action == action)
+
+
+class FactBuilder:
+    """Builds Facts for a desk, caching one calendar per priority."""
+
+    def __init__(self, desk: Desk, now: datetime) -> None:
+        self.desk = desk
+        self.now = now
+        self._calendars: dict[str, sla.Calendar] = {}
+
+    def calendar(self, priority: str) -> sla.Calendar:
+        if priority not in self._calendars:
+            self._calendars[priority] = self.desk.calendar(priority)
+        return self._calendars[priority]
+
+    def facts(self, ticket: Ticket) -> Facts:
+        target = self.desk.target(ticket.priority)
+        changes = status_changes(ticket)
+        f = Facts(
+            id=ticket.id,
+            ref=ticket.ref,
+            subject=ticket.subject,
+            priority=ticket.priority,
+            tier=ticket.tier,
+            category=ticket.category,
+            requester=ticket.requester,
+            assignee=ticket.assignee,
+            major=ticket.major,
+            status=ticket.status,
+            created_at=ticket.created_at,
+            responded_at=ticket.responded_at,
+            target=target.resolve,
+            response_target=target.response,
+            changes=changes,
+            reopens=_action_times(ticket.events, "reopened"),
+            escalations=_action_times(ticket.events, "escalated"),
+            handoffs=_action_times(ticket.events, "problem"),
+        )
+        self._clock(f)
+        return f
+
+    def _clock(self, f: Facts) -> None:
+        """Pauses, resolution, deadline and time used, from the status changes."""
+        cal = self.calendar(f.priority)
+        segments = _segments(f.changes)
+        last_status = segments[-1][2]
+        f.pauses = [(start, end) for start, end, st in segments if st != RUNNING and end]
+        f.resolutions = _entries(segments, DONE)
+        if last_status in DONE:
+            f.resolved_at = f.resolutions[-1]
+        open_pause = segments[-1][0] if last_status not in (RUNNING, *DONE) else None
+        stop = f.resolved_at or self.now
+        f.deadline = sla.due_at(cal, f.created_at, f.target, f.pauses)
+        if open_pause is not None and f.deadline is not None and f.deadline > open_pause:
+            f.deadline = None  # the clock stopped before the deadline: not known yet
+        pauses = [*f.pauses, (open_pause, None)] if open_pause is not None else f.pauses
+        elapsed = sla.elapsed(cal, f.created_at, max(stop, f.created_at), pauses)
+        f.used = elapsed / f.target.total_seconds()
+        if f.resolved_at is not None:
+            f.resolve_seconds = elapsed
+        if f.responded_at is not None:
+            f.respond_seconds = sla.elapsed(cal, f.created_at, f.responded_at)
+
+
+def _entries(
+    segments: Sequence[tuple[datetime, datetime | None, str]], statuses: frozenset[str]
+) -> list[datetime]:
+    """When the incident entered one of `statuses` from a status outside them."""
+    out, inside = [], False
+    for start, _, status in segments:
+        if status in statuses and not inside:
+            out.append(start)
+        inside = status in statuses
+    return out
+
+
+def load(
+    session: Session, desk: Desk, now: datetime, created_before: datetime | None = None
+) -> list[Facts]:
+    """Facts for every incident (created before `created_before`, when given)."""
+    query = (
+        select(Ticket)
+        .where(Ticket.kind == "incident")
+        .options(selectinload(Ticket.events))
+        .order_by(Ticket.created_at, Ticket.id)
+    )
+    if created_before is not None:
+        query = query.where(Ticket.created_at < created_before)
+    builder = FactBuilder(desk, now)
+    return [builder.facts(t) for t in session.scalars(query)]
+
+
+def in_window(times: Iterable[datetime], start: datetime, end: datetime) -> list[datetime]:
+    return [t for t in times if start <= t < end]
+
+
+def rate(due: int, within: int) -> float | None:
+    """The target achievement rate, rounded to 4 places; None when nothing was due."""
+    return round(within / due, 4) if due else None
+
+
+def p90(values: Sequence[float]) -> float | None:
+    """90th percentile by the nearest-rank method (the smallest value ≥ 90% of them)."""
+    if not values:
+        return None
+    ordered = sorted(values)
+    return ordered[math.ceil(0.9 * len(ordered)) - 1]
+
+
+def mean(values: Sequence[float]) -> float | None:
+    return sum(values) / len(values) if values else None
