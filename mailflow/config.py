@@ -345,6 +345,59 @@ def _database_url(base: Path, url: str) -> str:
     return url
 
 
+def _names(r: _Reader, key: str, value: Any) -> tuple[str, ...] | None:
+    if not isinstance(value, list) or not all(isinstance(v, str) and v.strip() for v in value):
+        r.problem(key, f"must be a list of names, got {value!r}")
+        return None
+    return tuple(v.strip() for v in value)
+
+
+def _request_settings(r: _Reader, roles: Roles) -> RequestSettings:
+    """[requests]: required form fields and approval chains per request type, tokens."""
+    from mailflow.forms import FIELDS
+
+    fields: dict[str, tuple[str, ...]] = {}
+    for rtype, value in r.table("requests.required_fields").items():
+        key = f"requests.required_fields.{rtype}"
+        names = _names(r, key, value)
+        unknown = [n for n in names or () if n not in FIELDS]
+        if unknown:
+            r.problem(key, f"unknown field(s) {', '.join(unknown)}; known: {', '.join(FIELDS)}")
+        if names is not None:
+            fields[rtype] = tuple(n for n in names if n in FIELDS)
+    chains: dict[str, tuple[str, ...]] = {}
+    for rtype, value in r.table("requests.approval_chain").items():
+        key = f"requests.approval_chain.{rtype}"
+        steps = _names(r, key, value)
+        if not steps:
+            if steps is not None:
+                r.problem(key, "needs at least one step")
+            continue
+        for step in steps:
+            known = "@" in step or step in roles.approvers or step in ROLE_KEYS
+            if not known:
+                r.problem(key, f"{step!r} is not an address, a [roles.approvers] group or a role")
+            elif "@" in step and not _EMAIL.match(step):
+                r.problem(key, f"{step!r} is not an email address")
+        chains[rtype] = steps
+    settings = RequestSettings(
+        required_fields=fields or RequestSettings().required_fields,
+        approval_chain=chains,
+        token_ttl=r.parsed("requests", "token_ttl", timedelta(days=14), _duration),
+        require_dkim=r.get("requests", "require_dkim", bool, False),
+        trusted_authserv_id=r.get("requests", "trusted_authserv_id", str, "").strip(),
+    )
+    if settings.token_ttl <= timedelta(0):
+        r.problem("requests.token_ttl", "must be longer than zero")
+    if settings.require_dkim and not settings.trusted_authserv_id:
+        r.problem(
+            "requests.trusted_authserv_id",
+            "required when require_dkim = true: the authserv-id your own MTA writes in "
+            "Authentication-Results (e.g. \"mx.example.test\")",
+        )
+    return settings
+
+
 def _read(path: Path) -> tuple[Settings | None, list[Problem]]:
     file = str(path)
     try:
@@ -450,17 +503,7 @@ def _read(path: Path) -> tuple[Settings | None, list[Problem]]:
         similar_count=r.get("incident", "similar_count", int, 3),
     )
 
-    req_fields = {
-        t: tuple(v) for t, v in r.table("requests.required_fields").items() if isinstance(v, list)
-    } or RequestSettings().required_fields
-    chains = {t: tuple(v) for t, v in r.table("requests.approval_chain").items()}
-    requests = RequestSettings(
-        required_fields=req_fields,
-        approval_chain=chains,
-        token_ttl=r.parsed("requests", "token_ttl", timedelta(days=14), _duration),
-        require_dkim=r.get("requests", "require_dkim", bool, False),
-        trusted_authserv_id=r.get("requests", "trusted_authserv_id", str, ""),
-    )
+    requests = _request_settings(r, roles)
 
     digest = DigestSettings(
         time=r.parsed("digest", "time", time(8, 30), _clock),

@@ -40,6 +40,9 @@ INCIDENT: dict[str, Transition] = {
     "problem": _t(("open", "pending", "resolved"), "im", "problem"),
 }
 
+# Requests. `approve`/`reject` are listed for `allowed()`; they are decided by the approval
+# token (requests.decide → approvals.verify), not by this table's roles. `rejected` and
+# `closed` are final.
 REQUEST: dict[str, Transition] = {
     "comment": _t(("pending", "pending_approval", "approved", "fulfilled"), "anyone", None),
     "note": _t(("pending", "pending_approval", "approved", "fulfilled"), "desk executor", None),
@@ -47,6 +50,7 @@ REQUEST: dict[str, Transition] = {
     "reject": _t(("pending_approval",), "approver", "rejected"),
     "done": _t(("approved",), "executor", "fulfilled"),
     "confirm": _t(("fulfilled",), "requester", "closed"),
+    "reopen": _t(("fulfilled",), "requester desk", "approved"),
 }
 
 # Escalation paths: desktop incidents go L1 → L2 → L3 → IM, the others L1 → L3 → IM.

@@ -1,0 +1,406 @@
+"""Approval decisions by mail that cannot be forged.
+
+Each approver of each step of a request's approval chain gets their own single-use token:
+
+    token = nonce ‖ HMAC-SHA256(secret, "ticket|step|approver|nonce")[:15 bytes]   (base32)
+
+It travels in the reply path of the approval mail, where any ordinary client keeps it:
+the Reply-To address (`itsm+<token>@domain`) and the approval mail's own Message-ID
+(`mf.approval.<token>@domain`, so In-Reply-To/References carry it). Only a SHA-256 of the
+token is stored. A decision counts only when all of these hold (`verify`):
+
+1. the mail carries exactly one token (in its recipients and/or In-Reply-To/References),
+   issued by us (HMAC checked with `hmac.compare_digest`) for this request;
+2. the sender (a single From address) is the approver the token was issued to;
+3. with `[requests] require_dkim`, the topmost `Authentication-Results` header whose
+   authserv-id is `[requests] trusted_authserv_id` shows dkim=pass (aligned with the
+   approver's domain) or dmarc=pass (header.from = that domain); every other such header,
+   e.g. one the sender wrote, is ignored;
+4. the token has not been used (nor voided by another decision of its step) and has not
+   expired, and the request is still waiting for that step.
+
+The secret is `[desk] secret`; when that is empty one is generated once and kept in the
+`kv` table.
+"""
+
+from __future__ import annotations
+
+import base64
+import hashlib
+import hmac
+import re
+import secrets
+from dataclasses import dataclass, field
+from datetime import datetime
+from email.utils import getaddresses
+from typing import TYPE_CHECKING
+
+from sqlalchemy import select
+from sqlalchemy.dialects.postgresql import insert as pg_insert
+from sqlalchemy.dialects.sqlite import insert as sqlite_insert
+from sqlalchemy.orm import Session
+
+from mailflow.config import ROLE_KEYS, Settings
+from mailflow.models import Approval, KeyValue, Ticket
+
+if TYPE_CHECKING:
+    from mailflow.desk import Desk
+    from mailflow.mail import ParsedMail
+
+SECRET_KEY = "approval_secret"
+_NONCE_BYTES, _MAC_BYTES = 10, 15
+TOKEN_LENGTH = (_NONCE_BYTES + _MAC_BYTES) * 8 // 5  # 40 base32 characters
+_TOKEN = rf"[a-z2-7]{{{TOKEN_LENGTH}}}"
+MESSAGE_ID_PREFIX = "mf.approval."
+# Headers naming where the mail was delivered (added by the receiving MTA) besides To/Cc.
+_DELIVERY_HEADERS = ("delivered-to", "x-original-to", "envelope-to")
+
+
+# -- the secret and the tokens -------------------------------------------------------------
+
+
+def secret(session: Session, desk: Desk) -> bytes:
+    """`[desk] secret`, else the one generated once and kept in the database."""
+    configured = desk.settings.desk.secret
+    if configured:
+        return configured.encode("utf-8")
+    value = session.scalar(select(KeyValue.value).where(KeyValue.key == SECRET_KEY))
+    if value is None:
+        # Insert-if-absent, so two daemons making it at once end up sharing one.
+        dialect = session.get_bind().dialect.name
+        insert = pg_insert if dialect == "postgresql" else sqlite_insert
+        session.execute(
+            insert(KeyValue)
+            .values(key=SECRET_KEY, value=secrets.token_hex(32))
+            .on_conflict_do_nothing(index_elements=["key"])
+        )
+        value = session.scalar(select(KeyValue.value).where(KeyValue.key == SECRET_KEY))
+        assert value is not None
+    return value.encode("utf-8")
+
+
+def _b32(data: bytes) -> str:
+    return base64.b32encode(data).decode("ascii").rstrip("=").lower()
+
+
+def _mac(key: bytes, ticket_id: int, step: int, approver: str, nonce: str) -> str:
+    message = f"mailflow-approval|{ticket_id}|{step}|{approver.lower()}|{nonce}".encode()
+    return _b32(hmac.new(key, message, hashlib.sha256).digest()[:_MAC_BYTES])
+
+
+def make_token(key: bytes, ticket_id: int, step: int, approver: str) -> str:
+    nonce = _b32(secrets.token_bytes(_NONCE_BYTES))
+    return nonce + _mac(key, ticket_id, step, approver, nonce)
+
+
+def token_hash(token: str) -> str:
+    return hashlib.sha256(token.encode("ascii")).hexdigest()
+
+
+def token_valid_for(key: bytes, token: str, row: Approval) -> bool:
+    """Whether the token's MAC is ours for this row's request, step and approver."""
+    split = TOKEN_LENGTH - _MAC_BYTES * 8 // 5
+    nonce, mac = token[:split], token[split:]
+    expected = _mac(key, row.ticket_id, row.step, row.approver, nonce)
+    return hmac.compare_digest(mac.encode("ascii"), expected.encode("ascii"))
+
+
+def reply_address(desk_address: str, token: str) -> str:
+    """`itsm+<token>@domain`: replies to the approval mail go here."""
+    local, _, domain = desk_address.partition("@")
+    return f"{local}+{token}@{domain}"
+
+
+def message_id(desk_address: str, token: str) -> str:
+    domain = desk_address.rpartition("@")[2] or "mailflow.invalid"
+    return f"{MESSAGE_ID_PREFIX}{token}@{domain}"
+
+
+def tokens_in(mail: ParsedMail, desk_address: str) -> list[str]:
+    """Every distinct token the mail carries in its recipients or its thread references."""
+    local, _, domain = desk_address.lower().partition("@")
+    address = re.compile(rf"^{re.escape(local)}\+({_TOKEN})@{re.escape(domain)}$")
+    thread = re.compile(rf"^{re.escape(MESSAGE_ID_PREFIX)}({_TOKEN})@")
+    found: list[str] = []
+    recipients = list(mail.to) + list(mail.cc)
+    for header in _DELIVERY_HEADERS:
+        recipients += [a for _, a in getaddresses(mail.header_all(header))]
+    for candidate in recipients:
+        match = address.match(candidate.strip().lower())
+        if match:
+            found.append(match.group(1))
+    for candidate in [*mail.in_reply_to, *mail.references]:
+        match = thread.match(candidate.strip().lower())
+        if match:
+            found.append(match.group(1))
+    return list(dict.fromkeys(found))
+
+
+# -- the approval chain --------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class Step:
+    """One step of an approval chain: any one of `approvers` decides it."""
+
+    group: str
+    approvers: tuple[str, ...]
+
+
+def chain(settings: Settings, request_type: str | None) -> list[Step]:
+    """The steps for a request type: `[requests.approval_chain]` (its type, else `default`),
+    else one step of `[roles.approvers]` for the type."""
+    roles = settings.roles
+    chains = settings.requests.approval_chain
+    names = chains.get(request_type or "") or chains.get("default")
+    if not names:
+        group = request_type if request_type in roles.approvers else "default"
+        return [Step(f"approvers.{group}", roles.approvers_for(request_type))]
+    return [Step(name, members(settings, name)) for name in names]
+
+
+def members(settings: Settings, name: str) -> tuple[str, ...]:
+    """Who a chain entry names: an address, an approver group, or a desk role."""
+    roles = settings.roles
+    if "@" in name:
+        return (name.strip().lower(),)
+    if name in roles.approvers:
+        return roles.approvers[name]
+    if name in ROLE_KEYS:
+        return tuple(getattr(roles, name))
+    return ()
+
+
+# -- issuing -------------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class Issued:
+    approval: Approval
+    token: str
+
+
+def issue(
+    session: Session, desk: Desk, ticket: Ticket, step: int, group: str, approver: str,
+    now: datetime,
+) -> Issued:
+    """A new token for one approver on one step (the mail is the caller's)."""
+    token = make_token(secret(session, desk), ticket.id, step, approver)
+    row = Approval(
+        ticket_id=ticket.id,
+        step=step,
+        group=group,
+        approver=approver.lower(),
+        token_hash=token_hash(token),
+        message_id=message_id(desk.address, token),
+        created_at=now,
+        expires_at=now + desk.settings.requests.token_ttl,
+    )
+    session.add(row)
+    session.flush()
+    return Issued(row, token)
+
+
+def open_rows(session: Session, ticket: Ticket, step: int | None = None) -> list[Approval]:
+    """Undecided tokens of the request (of one step when given)."""
+    query = select(Approval).where(Approval.ticket_id == ticket.id, Approval.decision.is_(None))
+    if step is not None:
+        query = query.where(Approval.step == step)
+    return list(session.scalars(query.order_by(Approval.id)))
+
+
+def rows_of(session: Session, ticket: Ticket) -> list[Approval]:
+    return list(
+        session.scalars(
+            select(Approval).where(Approval.ticket_id == ticket.id).order_by(Approval.id)
+        )
+    )
+
+
+def current_step(session: Session, ticket: Ticket) -> int | None:
+    """The step waiting for a decision, or None."""
+    rows = open_rows(session, ticket)
+    return min(r.step for r in rows) if rows else None
+
+
+def void(rows: list[Approval], now: datetime, why: str) -> None:
+    for row in rows:
+        if row.decision is None:
+            row.decision, row.used_at, row.reason = "void", now, why
+
+
+# -- Authentication-Results (RFC 8601) -----------------------------------------------------
+
+_COMMENT = re.compile(r"\((?:[^()\\]|\\.)*\)")
+_PAIR = re.compile(r'([A-Za-z0-9_.-]+(?:/\d+)?)\s*=\s*("(?:[^"\\]|\\.)*"|[^\s;]+)')
+
+
+def _strip_comments(value: str) -> str:
+    previous = None
+    while previous != value:  # nested comments
+        previous, value = value, _COMMENT.sub(" ", value)
+    return value
+
+
+def _split(value: str) -> list[str]:
+    """Split on ';' outside quoted strings."""
+    parts, current, quoted, escaped = [], [], False, False
+    for char in value:
+        if escaped:
+            escaped = False
+        elif char == "\\":
+            escaped = True
+        elif char == '"':
+            quoted = not quoted
+        elif char == ";" and not quoted:
+            parts.append("".join(current))
+            current = []
+            continue
+        current.append(char)
+    parts.append("".join(current))
+    return parts
+
+
+@dataclass(frozen=True)
+class AuthResult:
+    method: str
+    result: str
+    props: dict[str, str] = field(default_factory=dict)
+
+
+def parse_authentication_results(value: str) -> tuple[str, list[AuthResult]]:
+    """(authserv-id, results) of one header value; ("", []) when unreadable."""
+    parts = _split(_strip_comments(" ".join(value.split())))
+    head = parts[0].split()
+    if not head:
+        return "", []
+    authserv = head[0].strip('"').lower()
+    results = []
+    for part in parts[1:]:
+        pairs = _PAIR.findall(part)
+        if not pairs:
+            continue
+        method, result = pairs[0]
+        props = {k.lower(): v.strip('"').lower() for k, v in pairs[1:]}
+        results.append(AuthResult(method.split("/")[0].lower(), result.lower(), props))
+    return authserv, results
+
+
+def _aligned(signing: str, domain: str) -> bool:
+    signing = signing.strip().strip(".").lower()
+    return bool(signing) and (
+        domain == signing or ("." in signing and domain.endswith("." + signing))
+    )
+
+
+def authenticated(headers: list[str], trusted: str, address: str) -> tuple[bool, str]:
+    """Whether our own MTA's (topmost trusted) Authentication-Results vouch for the domain."""
+    domain = address.rpartition("@")[2].lower()
+    trusted = trusted.strip().lower()
+    for value in headers:  # top first: the header our MTA added last is above forged ones
+        authserv, results = parse_authentication_results(value)
+        if not trusted or authserv != trusted:
+            continue
+        for res in results:
+            if res.result != "pass":
+                continue
+            if res.method == "dkim":
+                signer = res.props.get("header.d") or res.props.get("header.i", "").rpartition(
+                    "@"
+                )[2]
+                if _aligned(signer, domain):
+                    return True, f"dkim=pass header.d={signer} ({authserv})"
+            if res.method == "dmarc" and res.props.get("header.from", "") == domain:
+                return True, f"dmarc=pass header.from={domain} ({authserv})"
+        summary = ", ".join(f"{r.method}={r.result}" for r in results) or "no results"
+        return False, f"{authserv}: {summary} for {domain}"
+    return False, f"no Authentication-Results from {trusted or '(trusted_authserv_id unset)'}"
+
+
+# -- verifying a decision ------------------------------------------------------------------
+
+
+@dataclass
+class Verdict:
+    """The outcome of checking a decision mail: `approval` is set when the token resolved."""
+
+    ok: bool
+    code: str
+    why: str
+    approval: Approval | None = None
+    auth: str = ""
+
+
+REASONS = {
+    "no_token": "邮件中没有审批凭证：请直接回复您收到的审批邮件 / "
+    "no approval token: reply to the approval mail itself",
+    "several_tokens": "邮件中含有多个不同的审批凭证 / "
+    "the mail carries more than one approval token",
+    "invalid_token": "审批凭证无效 / the approval token is not valid",
+    "other_request": "审批凭证属于另一个申请 {other} / "
+    "the token belongs to another request, {other}",
+    "wrong_sender": "发件人 {sender} 不是该审批凭证的审批人 / "
+    "{sender} is not the approver this token was issued to",
+    "several_senders": "发件人不唯一 / the mail names more than one sender",
+    "not_authenticated": "发件域未通过 DKIM/DMARC 验证（{auth}）/ "
+    "no DKIM or DMARC pass for the sender's domain ({auth})",
+    "used": "该审批凭证已使用过 / this approval token has already been used",
+    "void": "该审批步骤已有决定或凭证已被替换 / "
+    "this step was already decided or the token replaced",
+    "expired": "审批凭证已于 {expires} 过期 / the approval token expired at {expires}",
+    "not_waiting": "申请当前不在等待此审批 / the request is not waiting for this approval",
+    "reason_required": "驳回须写明原因，例如 “驳回 预算不足” / "
+    "a rejection needs a reason, e.g. “reject no budget”",
+}
+
+
+def _refuse(code: str, approval: Approval | None = None, **values: str) -> Verdict:
+    return Verdict(False, code, REASONS[code].format(**values), approval)
+
+
+def senders(mail: ParsedMail) -> list[str]:
+    """Every address in the From header(s), lowercased."""
+    return list(
+        dict.fromkeys(a.lower() for _, a in getaddresses(mail.header_all("from")) if a)
+    ) or ([mail.from_addr] if mail.from_addr else [])
+
+
+def verify(
+    session: Session, desk: Desk, ticket: Ticket, mail: ParsedMail, now: datetime
+) -> Verdict:
+    """Whether this mail may decide an approval of `ticket` (see the module docstring)."""
+    tokens = tokens_in(mail, desk.address)
+    if not tokens:
+        return _refuse("no_token")
+    if len(tokens) > 1:
+        return _refuse("several_tokens")
+    token = tokens[0]
+    row = session.scalar(select(Approval).where(Approval.token_hash == token_hash(token)))
+    if row is None or not token_valid_for(secret(session, desk), token, row):
+        return _refuse("invalid_token")
+    if row.ticket_id != ticket.id:
+        other = session.get(Ticket, row.ticket_id)
+        return _refuse("other_request", row, other=other.ref if other else "?")
+    from_addresses = senders(mail)
+    if len(from_addresses) != 1:
+        return _refuse("several_senders", row)
+    if from_addresses[0] != row.approver:
+        return _refuse("wrong_sender", row, sender=from_addresses[0])
+    auth = ""
+    settings = desk.settings.requests
+    if settings.require_dkim:
+        passed, auth = authenticated(
+            mail.header_all("Authentication-Results"), settings.trusted_authserv_id, row.approver
+        )
+        if not passed:
+            return _refuse("not_authenticated", row, auth=auth)
+    if row.decision == "void":
+        return _refuse("void", row)
+    if row.decision is not None or row.used_at is not None:
+        return _refuse("used", row)
+    if now >= row.expires_at:
+        expires = row.expires_at.astimezone(desk.settings.desk.tz).strftime("%Y-%m-%d %H:%M")
+        return _refuse("expired", row, expires=expires)
+    if ticket.status != "pending_approval" or current_step(session, ticket) != row.step:
+        return _refuse("not_waiting", row)
+    return Verdict(True, "ok", "", row, auth)

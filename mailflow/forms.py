@@ -1,0 +1,170 @@
+"""The service-request form (seed §4.2 step 2), read from `key: value` lines of a mail.
+
+Keys may be written in Chinese or English (`申请类型：账号` or `Request type: account`),
+with full-width or ASCII colons, optionally behind a list marker (`1.`, `-`, `•`). Field
+names (used in `[requests.required_fields]`):
+
+  request_type        申请类型 / request type
+  line_type           行类型 / line type
+  item_type           项类型 / item type
+  reason              申请原因 / reason
+  receiving_location  收货地点 / 仓库 / receiving location / warehouse
+  consignee_location  收货人位置 / consignee location
+  related             关联事件 / 关联变更 / related — refs such as INC-12 become links
+
+A `reason` that is not written as a field is taken from the mail's own words (the text
+left when the form lines are removed), so a plain request mail still has one.
+"""
+
+from __future__ import annotations
+
+import re
+import unicodedata
+from collections.abc import Iterable, Mapping
+from dataclasses import dataclass, field
+from typing import Any
+
+FIELDS: tuple[str, ...] = (
+    "request_type",
+    "line_type",
+    "item_type",
+    "reason",
+    "receiving_location",
+    "consignee_location",
+    "related",
+)
+
+LABELS: dict[str, str] = {
+    "request_type": "申请类型 / Request type",
+    "line_type": "行类型 / Line type",
+    "item_type": "项类型 / Item type",
+    "reason": "申请原因 / Reason",
+    "receiving_location": "收货地点（仓库） / Receiving location (warehouse)",
+    "consignee_location": "收货人位置 / Consignee location",
+    "related": "关联事件/变更 / Related incidents or changes",
+}
+
+# The label a requester copies to fill a field in (first Chinese alias).
+FILL_IN: dict[str, str] = {
+    "request_type": "申请类型",
+    "line_type": "行类型",
+    "item_type": "项类型",
+    "reason": "申请原因",
+    "receiving_location": "收货地点",
+    "consignee_location": "收货人位置",
+    "related": "关联事件",
+}
+
+FILL_IN_EN: dict[str, str] = {
+    "request_type": "Request type",
+    "line_type": "Line type",
+    "item_type": "Item type",
+    "reason": "Reason",
+    "receiving_location": "Receiving location",
+    "consignee_location": "Consignee location",
+    "related": "Related",
+}
+
+_ALIASES: dict[str, tuple[str, ...]] = {
+    "request_type": ("申请类型", "请求类型", "服务类型", "request type", "request_type", "type"),
+    "line_type": ("行类型", "line type", "line_type"),
+    "item_type": ("项类型", "物品类型", "项目类型", "item type", "item_type", "item"),
+    "reason": ("申请原因", "申请理由", "原因", "理由", "reason", "justification"),
+    "receiving_location": (
+        "收货地点", "收货仓库", "仓库", "receiving location", "receiving_location", "warehouse",
+    ),
+    "consignee_location": (
+        "收货人位置", "收货人地点", "收货人地址", "consignee location", "consignee_location",
+        "consignee",
+    ),
+    "related": (
+        "关联事件", "关联变更", "关联交互", "关联工单", "相关事件", "相关变更",
+        "related incidents", "related changes", "related", "related_to",
+    ),
+}
+KEYS: dict[str, str] = {
+    alias.casefold(): name for name, aliases in _ALIASES.items() for alias in aliases
+}
+
+# Request types a requester may name in the form, in their own words → the type key used
+# for routing (the keys of [roles.approvers] etc.). Configured type keys match as well.
+TYPE_WORDS: dict[str, str] = {
+    "账号": "account", "帐号": "account", "账户": "account", "帐户": "account",
+    "邮箱": "account", "account": "account",
+    "权限": "permission", "访问权限": "permission", "permission": "permission",
+    "软件": "software", "软件安装": "software", "software": "software",
+    "硬件": "hardware", "硬件领用": "hardware", "设备": "hardware", "设备领用": "hardware",
+    "hardware": "hardware",
+    "网络": "network-access", "网络开通": "network-access", "vpn": "network-access",
+    "上网": "network-access", "network": "network-access", "network-access": "network-access",
+    "其他": "other", "其它": "other", "other": "other",
+}
+
+_LINE = re.compile(
+    r"^\s*(?:[-*•·]\s*|\d{1,2}[.)、]\s*|[（(]\d{1,2}[)）]\s*)?"
+    r"(?P<key>[^:：\n]{1,24}?)\s*[:：]\s*(?P<value>.*?)\s*$"
+)
+REF = re.compile(r"\b(INC|REQ|CHG|IR)\s*-\s*(\d{1,9})\b", re.IGNORECASE)
+
+
+@dataclass
+class Form:
+    """The fields found in a text, and the text that was not a field."""
+
+    fields: dict[str, str] = field(default_factory=dict)
+    links: list[str] = field(default_factory=list)
+    prose: str = ""
+
+
+def _key(raw: str) -> str | None:
+    key = " ".join(unicodedata.normalize("NFKC", raw).replace("_", " ").split()).casefold()
+    return KEYS.get(key) or KEYS.get(key.replace(" ", "_")) or KEYS.get(key.replace(" ", ""))
+
+
+def refs_in(text: str) -> list[str]:
+    """Ticket and change refs named in a text, normalised (`inc - 12` → `INC-12`)."""
+    found = (f"{m.group(1).upper()}-{int(m.group(2))}" for m in REF.finditer(text))
+    return list(dict.fromkeys(found))
+
+
+def parse(text: str) -> Form:
+    """The form fields in `text`; an empty value never counts (a blank template line)."""
+    form = Form()
+    prose: list[str] = []
+    for line in (text or "").splitlines():
+        match = _LINE.match(unicodedata.normalize("NFKC", line))
+        name = _key(match.group("key")) if match else None
+        if name is None or match is None:
+            prose.append(line)
+            continue
+        value = match.group("value").strip()
+        if not value:
+            continue
+        if name == "related":
+            form.links.extend(r for r in refs_in(value) if r not in form.links)
+        form.fields[name] = value if name not in form.fields else form.fields[name] + "; " + value
+    form.prose = "\n".join(prose).strip()
+    return form
+
+
+def request_type_of(value: str, known: Iterable[str] = ()) -> str | None:
+    """The routing type a requester's words name, or None when they name none we know."""
+    word = " ".join(unicodedata.normalize("NFKC", value).split()).casefold()
+    for key in known:
+        if key.casefold() == word and key != "default":
+            return key
+    return TYPE_WORDS.get(word)
+
+
+def merge(current: Mapping[str, Any] | None, form: Form) -> dict[str, Any]:
+    """The stored form with newly given fields added or replaced, links accumulated."""
+    merged = dict(current or {})
+    merged.update(form.fields)
+    links = list(merged.get("links") or [])
+    merged["links"] = links + [r for r in form.links if r not in links]
+    return merged
+
+
+def missing(form: Mapping[str, Any], required: Iterable[str]) -> list[str]:
+    """Required fields with no value, in the order they are listed."""
+    return [name for name in required if not str(form.get(name) or "").strip()]
