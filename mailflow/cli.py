@@ -232,7 +232,7 @@ def cmd_report(args: argparse.Namespace) -> int:
 
     desk = _desk(args)
     data = report.compute(desk, since=args.since, until=args.until, now=utcnow())
-    print(report.render(data, args.format))
+    print(report.render(data, args.format, desk))
     return 0
 
 
