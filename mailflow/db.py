@@ -13,7 +13,7 @@ from typing import Any
 
 from alembic import command
 from alembic.config import Config as AlembicConfig
-from sqlalchemy import Engine, create_engine, event
+from sqlalchemy import Engine, create_engine, event, make_url
 from sqlalchemy.exc import OperationalError
 from sqlalchemy.orm import Session, sessionmaker
 
@@ -58,12 +58,13 @@ class Database:
 
     def __init__(self, url: str, *, migrate_schema: bool = True) -> None:
         self.url = url
-        self.engine = make_engine(url)
         try:
+            self.engine = make_engine(url)
             if migrate_schema:
                 migrate(self.engine)
-        except OperationalError as exc:
-            raise TemporaryFailure(f"database {self.engine.url!r} unavailable: {exc}") from exc
+        except (OperationalError, OSError) as exc:
+            shown = make_url(url).render_as_string(hide_password=True)
+            raise TemporaryFailure(f"database {shown} unavailable: {exc}") from exc
         self.sessions = sessionmaker(self.engine, expire_on_commit=False)
 
     @property

@@ -393,9 +393,9 @@ class SmtpSink:
         with self._lock:
             self._rejected[address.lower()] = code
 
-    def start(self) -> None:
-        """Start listening on a free loopback port."""
-        self.port = free_port(self.host)
+    def start(self, port: int | None = None) -> None:
+        """Start listening on `port`, or on a free loopback port (a restart keeps the port)."""
+        self.port = port or self.port or free_port(self.host)
         self._controller = Controller(
             _Handler(self), hostname=self.host, port=self.port, enable_SMTPUTF8=True
         )
