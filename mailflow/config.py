@@ -30,6 +30,7 @@ ROLE_KEYS = (
     "problem_manager",
 )
 PRIORITIES = ("P1", "P2", "P3", "P4")
+CONFIRM_WORKING_DAYS = 3  # default [incident] confirm_timeout, in working days of [sla] hours
 _EMAIL = re.compile(r"^[^@\s<>]+@[^@\s<>]+$")
 
 
@@ -155,7 +156,9 @@ class SlaSettings:
 
 @dataclass(frozen=True)
 class IncidentSettings:
-    confirm_timeout: timedelta = timedelta(hours=24)  # working time (3 working days of 8h)
+    # Working time on the business calendar: 3 working days of the [sla] hours; with the
+    # default 08:30-12:00 + 13:30-17:30 (7.5 h a day) that is 22h30m.
+    confirm_timeout: timedelta = timedelta(hours=22, minutes=30)
     reopen_grace: timedelta = timedelta(days=7)
     similar_count: int = 3
 
@@ -292,6 +295,17 @@ def _duration(value: Any) -> timedelta:
     if not isinstance(value, str):
         raise ValueError(f"must be a duration like '4h' or '30m', got {value!r}")
     return parse_duration(value)
+
+
+def _working_day(hours: tuple[str, ...]) -> timedelta:
+    """Length of one working day of the business calendar (the sum of its periods)."""
+    from mailflow.sla import parse_hours
+
+    total = timedelta()
+    for start, end in parse_hours(list(hours)):
+        end_minutes = end.hour * 60 + end.minute or 24 * 60
+        total += timedelta(minutes=end_minutes - (start.hour * 60 + start.minute))
+    return total
 
 
 def _clock(value: Any) -> time:
@@ -490,18 +504,25 @@ def _read(path: Path) -> tuple[Settings | None, list[Problem]]:
     except (ValueError, TypeError) as exc:
         r.problem("sla.hours", str(exc))
         hours = SlaSettings.hours
+    warn_at = r.get("sla", "warn_at", float, 0.75)
+    if not 0 < warn_at < 1:
+        r.problem("sla.warn_at", f"must be a share between 0 and 1 (e.g. 0.75), got {warn_at!r}")
+        warn_at = 0.75
     sla = SlaSettings(
         hours=hours,
         holidays=r.get("sla", "holidays", str, "CN") or None,
-        warn_at=r.get("sla", "warn_at", float, 0.75),
+        warn_at=warn_at,
         targets=targets,
     )
 
+    confirm_default = CONFIRM_WORKING_DAYS * _working_day(hours)
     incident = IncidentSettings(
-        confirm_timeout=r.parsed("incident", "confirm_timeout", timedelta(hours=24), _duration),
+        confirm_timeout=r.parsed("incident", "confirm_timeout", confirm_default, _duration),
         reopen_grace=r.parsed("incident", "reopen_grace", timedelta(days=7), _duration),
         similar_count=r.get("incident", "similar_count", int, 3),
     )
+    if not 0 <= incident.similar_count <= 10:
+        r.problem("incident.similar_count", f"must be 0 to 10, got {incident.similar_count}")
 
     requests = _request_settings(r, roles)
 

@@ -1,20 +1,53 @@
-"""The incident process (seed §4.1) driven by mail: routing of new incidents and replies."""
+"""The incident process (seed §4.1) driven by mail: routing of new incidents and replies.
+
+A new incident is acknowledged and dispatched: to the service desk (L1) with the most similar
+resolved incidents, or — when major — straight to L2 with the post lead, the service desk lead
+and the incident manager alerted at once. A reply is read as a command through
+`lifecycle.INCIDENT`; the SLA state lives here too: the resolution clock runs only while the
+incident is `open` (the pauses are derived from the status events), `due_at` moves by the
+paused time whenever the status changes, and the first staff action is the response.
+"""
 
 from __future__ import annotations
 
+import re
+import unicodedata
+from collections.abc import Callable
 from datetime import datetime
 from typing import TYPE_CHECKING
 
+from sqlalchemy import select, update
 from sqlalchemy.orm import Session
 
-from mailflow import commands, lifecycle, notify
+from mailflow import commands, lifecycle, notify, sla
 from mailflow.commands import Command
-from mailflow.models import Inbound, Ticket
+from mailflow.models import Event, Inbound, Ticket
+from mailflow.similar import similar_resolved
 from mailflow.tickets import record
 
 if TYPE_CHECKING:
     from mailflow.desk import Desk
     from mailflow.mail import ParsedMail
+
+SYSTEM = "mailflow"  # the actor of automatic changes
+
+# A reply made only of these (after punctuation and spaces are removed) is a courtesy, not a
+# report that the problem is back: "好的，谢谢！" to a closed incident does not reopen it.
+_COURTESY = sorted(
+    [
+        "谢谢", "多谢", "感谢", "谢了", "好的", "好", "收到", "了解", "明白", "知道了", "辛苦了",
+        "辛苦", "已确认", "确认", "确定", "没问题", "可以了", "您", "你", "们", "啦", "了", "的",
+        "thanks", "thank you", "thankyou", "thx", "ok", "okay", "got it", "great", "fine",
+        "confirmed", "confirm", "received", "much", "very", "a lot", "cheers",
+    ],
+    key=len,
+    reverse=True,
+)
+_NOT_WORDS = re.compile(r"[\W_]+", re.UNICODE)
+USAGE = {"assign": "指派 <邮箱> / assign <email>", "priority": "优先级 P1 / priority P1..P4"}
+
+
+# -- new incidents -----------------------------------------------------------------------
 
 
 def on_new(
@@ -28,27 +61,172 @@ def on_new(
     if ticket.major:
         alerted = [*roles.l2, *roles.post_lead, *roles.service_desk_lead, *roles.incident_manager]
         notify.queue(session, desk, "major_incident", alerted, now, ticket=ticket)
-        record(session, ticket, "major_alert", "mailflow", now, ", ".join(dict.fromkeys(alerted)))
-    else:
-        similar = desk_similar(session, desk, ticket)
-        notify.queue(
-            session,
-            desk,
-            "new_incident",
-            roles.tier_members(ticket.tier),
-            now,
-            ticket=ticket,
-            similar=similar,
-        )
+        record(session, ticket, "major_alert", SYSTEM, now, ", ".join(dict.fromkeys(alerted)))
+        return
+    similar = desk_similar(session, desk, ticket)
+    if similar:
+        refs = [s.ref for s in similar]
+        record(session, ticket, "similar", SYSTEM, now, ", ".join(refs), refs=refs)
+    # The desk owns every incident; a rule may also dispatch it straight to another tier.
+    team = [*roles.service_desk, *roles.tier_members(ticket.tier)]
+    notify.queue(session, desk, "new_incident", team, now, ticket=ticket, similar=similar)
 
 
 def desk_similar(session: Session, desk: Desk, ticket: Ticket) -> list[Ticket]:
     """Resolved incidents like this one, with their solutions (know-how reuse)."""
-    try:
-        from mailflow.similar import similar_resolved
-    except ImportError:
-        return []
     return similar_resolved(session, ticket, limit=desk.settings.incident.similar_count)
+
+
+# -- SLA state ---------------------------------------------------------------------------
+
+
+def pauses(session: Session, ticket: Ticket) -> list[sla.Pause]:
+    """Periods the resolution clock stood still: every stretch not in status `open`.
+
+    Derived from the status events (the audit trail is the source); the last one is open
+    (end None) while the incident is not open now.
+    """
+    rows = session.execute(
+        select(Event.at, Event.data)
+        .where(Event.ticket_id == ticket.id, Event.action == "status")
+        .order_by(Event.id)
+    )
+    found: list[sla.Pause] = []
+    start: datetime | None = None
+    for at, data in rows:
+        new = (data or {}).get("new")
+        if new != "open" and start is None:
+            start = at
+        elif new == "open" and start is not None:
+            found.append((start, at))
+            start = None
+    if start is not None:
+        found.append((start, None))
+    return found
+
+
+def refresh_due(session: Session, desk: Desk, ticket: Ticket, now: datetime) -> None:
+    """Set `due_at`: the resolution deadline moved by all time paused so far (up to now)."""
+    closed = [(a, b or now) for a, b in pauses(session, ticket)]
+    target = desk.target(ticket.priority).resolve
+    ticket.due_at = sla.due_at(desk.calendar(ticket.priority), ticket.created_at, target, closed)
+
+
+def set_status(
+    session: Session, desk: Desk, ticket: Ticket, new: str, actor: str, now: datetime, why: str = ""
+) -> None:
+    """Change the status: one event, and the deadline moves by any pause that just ended."""
+    old = ticket.status
+    if old == new:
+        return
+    detail = f"{old} → {new}" + (f" ({why})" if why else "")
+    record(session, ticket, "status", actor, now, detail, old=old, new=new)
+    ticket.status = new
+    refresh_due(session, desk, ticket, now)
+
+
+def mark_responded(session: Session, ticket: Ticket, actor: str, now: datetime) -> None:
+    """The first staff action is the response; a late one also records the response breach."""
+    if ticket.responded_at is not None:
+        return
+    ticket.responded_at = now
+    late = ticket.response_due_at is not None and now > ticket.response_due_at
+    record(session, ticket, "responded", actor, now, "first response", late=late)
+    if late:
+        record_response_breach(session, ticket, now)
+
+
+def record_response_breach(session: Session, ticket: Ticket, now: datetime) -> bool:
+    """Record the response breach once (a conditional update: also once across daemons)."""
+    claimed = session.execute(
+        update(Ticket)
+        .where(Ticket.id == ticket.id, Ticket.response_breached_at.is_(None))
+        .values(response_breached_at=now)
+        .execution_options(synchronize_session="fetch")
+    )
+    if claimed.rowcount != 1:  # type: ignore[attr-defined]
+        return False
+    due = ticket.response_due_at
+    record(
+        session,
+        ticket,
+        "response_breached",
+        SYSTEM,
+        now,
+        f"response target {ticket.priority} passed without a response",
+        due=due.isoformat() if due else None,
+    )
+    return True
+
+
+def confirm_deadline(desk: Desk, resolved_at: datetime) -> datetime:
+    """When an unconfirmed resolution closes: `confirm_timeout` of working time later."""
+    timeout = desk.settings.incident.confirm_timeout
+    return desk.business_calendar().add(resolved_at, timeout.total_seconds())
+
+
+# -- replies -----------------------------------------------------------------------------
+
+
+def on_reply(
+    session: Session, desk: Desk, ticket: Ticket, mail: ParsedMail, inbound: Inbound, now: datetime
+) -> None:
+    """Apply the command in the new text of a reply, if the sender may give it."""
+    sender = mail.from_addr
+    held = lifecycle.roles_on(ticket, sender, desk.settings.roles)
+    cmd = interpret(ticket, commands.parse(mail.new_text), held)
+    if cmd is None:  # a thank-you to a closed incident: kept on record, nothing to do
+        record(session, ticket, "comment", sender, now, mail.new_text)
+        return
+    why = why_not(ticket, cmd, held)
+    if why is not None:
+        refuse(session, desk, ticket, sender, cmd, why, held, now, mail.message_id)
+        return
+    APPLY[cmd.action](session, desk, ticket, sender, cmd, held, now)
+    if lifecycle.is_staff(held) and sender != ticket.requester:
+        mark_responded(session, ticket, sender, now)
+    target = lifecycle.INCIDENT[cmd.action].to
+    if target:
+        set_status(session, desk, ticket, target, sender, now)
+
+
+def courtesy(text: str) -> bool:
+    """Whether a reply says nothing but thanks/OK (or nothing at all)."""
+    rest = _NOT_WORDS.sub("", unicodedata.normalize("NFKC", text).casefold())
+    for word in _COURTESY:
+        rest = rest.replace(_NOT_WORDS.sub("", word), "")
+    return not rest
+
+
+def interpret(ticket: Ticket, cmd: Command, held: frozenset[str]) -> Command | None:
+    """What a reply means in context; None when it needs no action.
+
+    A user's `note:` is an ordinary comment. The requester's `已解决` on a resolved incident
+    confirms it. A requester's reply to a closed incident reopens it (pipeline.py sends
+    replies after the grace period to a new incident instead) — unless it only says thanks.
+    """
+    staff = lifecycle.is_staff(held)
+    if cmd.action == "note" and not staff:
+        cmd = Command("comment", "", cmd.text)
+    if staff or "requester" not in held:
+        return cmd
+    if ticket.status == "resolved" and cmd.action == "resolve":
+        return Command("confirm", "", cmd.text)
+    if ticket.status == "closed" and cmd.action in ("comment", "confirm", "resolve"):
+        if courtesy(cmd.text) or cmd.action != "comment":
+            return None
+        return Command("reopen", cmd.text, cmd.text)
+    return cmd
+
+
+def why_not(ticket: Ticket, cmd: Command, held: frozenset[str]) -> str | None:
+    """Why the command cannot be applied now; None when it can."""
+    why = lifecycle.check(ticket, cmd.action, held)
+    if why is None and cmd.action in ("assign", "priority") and not cmd.argument:
+        why = f"缺少参数 / missing argument: {USAGE[cmd.action]}"
+    if why is None and cmd.action == "escalate" and lifecycle.next_tier(ticket) is None:
+        why = "已在最高处理层级，可转问题管理 / already at the top tier; use `problem`"
+    return why
 
 
 def refuse(
@@ -62,8 +240,16 @@ def refuse(
     now: datetime,
     in_reply_to: str,
 ) -> None:
-    """Tell the sender the command was not applied, why, and what they may do."""
-    record(session, ticket, "refused", sender, now, f"{cmd.action}: {why}")
+    """Tell the sender the command was not applied, why, and what they may do.
+
+    A user's text is not lost: it goes to the team as a comment (a staff member's refused
+    command is never forwarded — it may read like a resolution).
+    """
+    forwarded = not lifecycle.is_staff(held) and bool(cmd.text.strip())
+    record(session, ticket, "refused", sender, now, f"{cmd.action}: {why}", text=cmd.text)
+    if forwarded:
+        record(session, ticket, "comment", sender, now, cmd.text)
+        tell_team(session, desk, ticket, sender, cmd.text, now)
     notify.queue(
         session,
         desk,
@@ -74,107 +260,108 @@ def refuse(
         command=cmd,
         reason=why,
         allowed=lifecycle.allowed(ticket, held),
+        forwarded=forwarded,
         in_reply_to=in_reply_to,
     )
 
 
-def on_reply(
-    session: Session, desk: Desk, ticket: Ticket, mail: ParsedMail, inbound: Inbound, now: datetime
+def team(desk: Desk, ticket: Ticket) -> list[str]:
+    """Who works the incident now: its assignee, else every member of its tier."""
+    return [ticket.assignee] if ticket.assignee else list(
+        desk.settings.roles.tier_members(ticket.tier)
+    )
+
+
+def tell_team(
+    session: Session,
+    desk: Desk,
+    ticket: Ticket,
+    sender: str,
+    text: str,
+    now: datetime,
+    internal: bool = False,
 ) -> None:
-    """Apply the command in the new text of a reply, if the sender may give it."""
-    sender = mail.from_addr
-    cmd = commands.parse(mail.new_text)
-    held = lifecycle.roles_on(ticket, sender, desk.settings.roles)
-    if cmd.action == "comment" and ticket.status == "closed" and "requester" in held:
-        cmd = Command("reopen", cmd.text, cmd.text)  # a reply to a closed incident reopens it
-    why = lifecycle.check(ticket, cmd.action, held)
-    if why is None and cmd.action in ("assign", "priority") and not cmd.argument:
-        why = "缺少参数 / missing argument: " + (
-            "assign <email>" if cmd.action == "assign" else "priority P1..P4"
-        )
-    if why is None and cmd.action == "escalate" and lifecycle.next_tier(ticket) is None:
-        why = "已在最高处理层级，可转问题管理 / already at the top tier; use `problem`"
-    if why is not None:
-        refuse(session, desk, ticket, sender, cmd, why, held, now, mail.message_id)
-        return
-    APPLY[cmd.action](session, desk, ticket, sender, cmd, held, now)
-    target = lifecycle.INCIDENT[cmd.action].to
-    if target and ticket.status != target:
-        record(
-            session,
-            ticket,
-            "status",
-            sender,
-            now,
-            f"{ticket.status} → {target}",
-            old=ticket.status,
-            new=target,
-        )
-        ticket.status = target
+    others = [p for p in team(desk, ticket) if p != sender]
+    notify.queue(
+        session,
+        desk,
+        "comment_to_team",
+        others,
+        now,
+        ticket=ticket,
+        author=sender,
+        text=text,
+        internal=internal,
+    )
 
 
-def _team(desk: Desk, ticket: Ticket) -> list[str]:
-    members = list(desk.settings.roles.tier_members(ticket.tier))
-    return [ticket.assignee] if ticket.assignee else members
+# -- the actions -------------------------------------------------------------------------
+
+Apply = Callable[..., None]  # (session, desk, ticket, sender, cmd, held, now)
 
 
 def _comment(session, desk, ticket, sender, cmd, held, now) -> None:
-    record(session, ticket, "comment", sender, now, cmd.text)
-    if held & {"desk", "tier", "im"} and sender != ticket.requester:
-        if ticket.responded_at is None:
-            ticket.responded_at = now
-        notify.queue(
-            session,
-            desk,
-            "comment",
-            [ticket.requester],
-            now,
-            ticket=ticket,
-            author=sender,
-            text=cmd.text,
-        )
-    else:
-        if "requester" in held and ticket.status == "pending":
-            record(
-                session,
-                ticket,
-                "status",
-                sender,
-                now,
-                "pending → open (requester answered)",
-                old="pending",
-                new="open",
+    text = cmd.text.strip()
+    record(session, ticket, "comment", sender, now, text)
+    if lifecycle.is_staff(held) and sender != ticket.requester:
+        if text:  # forwarded from the desk address: the desk stays the single contact
+            notify.queue(
+                session, desk, "comment", [ticket.requester], now, ticket=ticket, text=text
             )
-            ticket.status = "open"
-        others = [p for p in _team(desk, ticket) if p != sender]
-        notify.queue(
-            session,
-            desk,
-            "comment_to_team",
-            others,
-            now,
-            ticket=ticket,
-            author=sender,
-            text=cmd.text,
-        )
+        return
+    if "requester" in held and ticket.status == "pending":
+        set_status(session, desk, ticket, "open", sender, now, "requester answered")
+    if text:
+        tell_team(session, desk, ticket, sender, text, now)
 
 
 def _note(session, desk, ticket, sender, cmd, held, now) -> None:
-    record(session, ticket, "note", sender, now, cmd.argument or cmd.text)
+    text = cmd.argument or cmd.text
+    record(session, ticket, "note", sender, now, text)
+    tell_team(session, desk, ticket, sender, text, now, internal=True)
 
 
 def _resolve(session, desk, ticket, sender, cmd, held, now) -> None:
-    ticket.solution = cmd.argument or cmd.text
+    ticket.solution = cmd.argument.strip() or None
     ticket.resolved_at = now
-    ticket.responded_at = ticket.responded_at or now
-    record(session, ticket, "resolved", sender, now, ticket.solution, tier=ticket.tier)
-    notify.queue(session, desk, "resolved", [ticket.requester], now, ticket=ticket, author=sender)
+    record(
+        session,
+        ticket,
+        "resolved",
+        sender,
+        now,
+        ticket.solution or "",
+        tier=ticket.tier,
+        assignee=ticket.assignee,
+    )
+    notify.queue(
+        session,
+        desk,
+        "resolved",
+        [ticket.requester],
+        now,
+        ticket=ticket,
+        confirm_by=confirm_deadline(desk, now),
+    )
 
 
-def _escalate(session, desk, ticket, sender, cmd, held, now) -> None:
+def escalate(
+    session: Session,
+    desk: Desk,
+    ticket: Ticket,
+    actor: str,
+    now: datetime,
+    text: str = "",
+    automatic: bool = False,
+) -> str | None:
+    """Hand the incident to the next tier of its path; the new tier's members are told."""
     old, new = ticket.tier, lifecycle.next_tier(ticket)
+    if new is None:
+        return None
     ticket.tier, ticket.assignee = new, None
-    record(session, ticket, "escalated", sender, now, f"{old} → {new}", old=old, new=new)
+    path = "desktop" if ticket.desktop else "other"
+    detail = f"{old} → {new}" + (f": {text}" if text else "")
+    record(session, ticket, "escalated", actor, now, detail, old=old, new=new, path=path)
     notify.queue(
         session,
         desk,
@@ -182,51 +369,48 @@ def _escalate(session, desk, ticket, sender, cmd, held, now) -> None:
         desk.settings.roles.tier_members(new),
         now,
         ticket=ticket,
-        author=sender,
+        author=actor,
         old_tier=old,
-        text=cmd.text,
+        text=text,
+        automatic=automatic,
     )
+    return new
+
+
+def _escalate(session, desk, ticket, sender, cmd, held, now) -> None:
+    reason = "\n".join(cmd.text.strip().splitlines()[1:]).strip()  # below the command line
+    escalate(session, desk, ticket, sender, now, reason)
 
 
 def _assign(session, desk, ticket, sender, cmd, held, now) -> None:
     roles = desk.settings.roles
+    old = ticket.assignee
     ticket.assignee = cmd.argument
-    for tier in ("L1", "L2", "L3", "IM"):
+    for tier in lifecycle.DESKTOP_PATH:
         if cmd.argument in roles.tier_members(tier):
             ticket.tier = tier
             break
-    record(session, ticket, "assigned", sender, now, cmd.argument, tier=ticket.tier)
+    record(session, ticket, "assigned", sender, now, cmd.argument, old=old, tier=ticket.tier)
     notify.queue(session, desk, "assigned", [cmd.argument], now, ticket=ticket, author=sender)
 
 
 def _priority(session, desk, ticket, sender, cmd, held, now) -> None:
     old = ticket.priority
     ticket.priority = cmd.argument
-    ticket.due_at = desk.due(ticket.priority, ticket.created_at, "resolve")
+    refresh_due(session, desk, ticket, now)
+    if ticket.responded_at is None:
+        ticket.response_due_at = desk.due(ticket.priority, ticket.created_at, "response")
     record(
-        session,
-        ticket,
-        "priority",
-        sender,
-        now,
-        f"{old} → {cmd.argument}",
-        old=old,
+        session, ticket, "priority", sender, now, f"{old} → {cmd.argument}", old=old,
         new=cmd.argument,
     )
 
 
 def _pending(session, desk, ticket, sender, cmd, held, now) -> None:
-    ticket.responded_at = ticket.responded_at or now
-    record(session, ticket, "pending", sender, now, cmd.argument)
+    question = cmd.argument or cmd.text
+    record(session, ticket, "pending", sender, now, question)
     notify.queue(
-        session,
-        desk,
-        "question",
-        [ticket.requester],
-        now,
-        ticket=ticket,
-        author=sender,
-        text=cmd.argument or cmd.text,
+        session, desk, "question", [ticket.requester], now, ticket=ticket, text=question
     )
 
 
@@ -238,26 +422,39 @@ def _confirm(session, desk, ticket, sender, cmd, held, now) -> None:
     )
 
 
+def last_resolution(session: Session, ticket: Ticket) -> Event | None:
+    return session.scalar(
+        select(Event)
+        .where(Event.ticket_id == ticket.id, Event.action == "resolved")
+        .order_by(Event.id.desc())
+        .limit(1)
+    )
+
+
 def _reopen(session, desk, ticket, sender, cmd, held, now) -> None:
-    resolutions = [e for e in ticket.events if e.action == "resolved"]
-    if resolutions:  # back to the tier that resolved it
-        ticket.tier = (resolutions[-1].data or {}).get("tier") or ticket.tier
-    ticket.resolved_at = ticket.closed_at = None
-    record(session, ticket, "reopened", sender, now, cmd.argument or cmd.text, tier=ticket.tier)
+    resolution = last_resolution(session, ticket)
+    if resolution is not None:  # back to the tier (and engineer) that resolved it
+        data = resolution.data or {}
+        ticket.tier = data.get("tier") or ticket.tier
+        ticket.assignee = data.get("assignee")
+    ticket.resolved_at = ticket.closed_at = ticket.solution = None
+    text = cmd.argument or cmd.text
+    record(session, ticket, "reopened", sender, now, text, tier=ticket.tier)
     notify.queue(
-        session,
-        desk,
-        "reopened",
-        _team(desk, ticket),
-        now,
-        ticket=ticket,
-        author=sender,
-        text=cmd.argument or cmd.text,
+        session, desk, "reopened", team(desk, ticket), now, ticket=ticket, author=sender, text=text
+    )
+
+
+def history(session: Session, ticket: Ticket) -> list[Event]:
+    """Every event so far, including those of the current transaction."""
+    return list(
+        session.scalars(select(Event).where(Event.ticket_id == ticket.id).order_by(Event.id))
     )
 
 
 def _problem(session, desk, ticket, sender, cmd, held, now) -> None:
-    record(session, ticket, "problem", sender, now, cmd.argument or cmd.text)
+    text = cmd.argument or cmd.text
+    record(session, ticket, "problem", sender, now, text)
     notify.queue(
         session,
         desk,
@@ -266,12 +463,12 @@ def _problem(session, desk, ticket, sender, cmd, held, now) -> None:
         now,
         ticket=ticket,
         author=sender,
-        text=cmd.argument or cmd.text,
-        events=list(ticket.events),
+        text=text,
+        events=history(session, ticket),
     )
 
 
-APPLY = {
+APPLY: dict[str, Apply] = {
     "comment": _comment,
     "note": _note,
     "resolve": _resolve,

@@ -3,7 +3,8 @@
 `INCIDENT` and `REQUEST` map an action to the statuses it applies in, the roles that may
 take it and the status it leads to (None: the status stays). Roles are relative to the
 ticket: `requester`, `desk` (service desk and its lead), `tier` (members of the owning
-tier, or the assignee), `im` (incident manager), `approver`, `executor`, `anyone`.
+tier, or the assignee), `im` (incident manager), `staff` (anyone holding an IT support role:
+desk, L2, L3, incident or problem manager), `approver`, `executor`, `anyone`.
 """
 
 from __future__ import annotations
@@ -27,9 +28,11 @@ def _t(statuses: tuple[str, ...], roles: str, to: str | None) -> Transition:
     return Transition(statuses, frozenset(roles.split()), to)
 
 
+# Incidents. The SLA resolution clock runs only while an incident is `open`: `pending`
+# (waiting for the requester) and `resolved` (waiting for confirmation) stop it.
 INCIDENT: dict[str, Transition] = {
-    "comment": _t(("open", "pending", "resolved", "problem"), "anyone", None),
-    "note": _t(("open", "pending", "resolved", "problem"), "desk tier im", None),
+    "comment": _t(("open", "pending", "resolved", "closed", "problem"), "anyone", None),
+    "note": _t(("open", "pending", "resolved", "closed", "problem"), "staff tier", None),
     "resolve": _t(OPEN, "tier im", "resolved"),
     "escalate": _t(OPEN, "tier im", None),
     "assign": _t(OPEN, "desk im", None),
@@ -57,11 +60,18 @@ REQUEST: dict[str, Transition] = {
 DESKTOP_PATH = ("L1", "L2", "L3", "IM")
 OTHER_PATH = ("L1", "L3", "IM")
 
+# Roles that work tickets: their comments go to the requester, their first action is the response.
+STAFF = frozenset({"desk", "tier", "im", "staff"})
+STAFF_ROLES = frozenset(
+    {"service_desk", "service_desk_lead", "l2", "l3", "incident_manager", "problem_manager"}
+)
+
 ROLE_NAMES = {
     "requester": "报告人 requester",
     "desk": "服务台 service desk",
     "tier": "当前处理组 owning tier",
     "im": "事件经理 incident manager",
+    "staff": "技术支持人员 IT staff",
     "approver": "审批人 approver",
     "executor": "执行人 executor",
     "anyone": "任何人 anyone",
@@ -72,19 +82,32 @@ def table(ticket: Ticket) -> dict[str, Transition]:
     return INCIDENT if ticket.kind == "incident" else REQUEST
 
 
+def path_of(ticket: Ticket) -> tuple[str, ...]:
+    """The escalation path the classifying rule chose (its `desktop` flag)."""
+    return DESKTOP_PATH if ticket.desktop else OTHER_PATH
+
+
 def next_tier(ticket: Ticket) -> str | None:
-    """The tier an escalation hands the incident to; None at the top."""
-    path = DESKTOP_PATH if ticket.desktop else OTHER_PATH
-    if ticket.tier not in path:
-        return path[1]
-    index = path.index(ticket.tier)
-    return path[index + 1] if index + 1 < len(path) else None
+    """The tier an escalation hands the incident to: the next one up its path; None at the top.
+
+    A tier off the path (a major non-desktop incident starts at L2) goes to the first tier of
+    the path above it (L2 → L3).
+    """
+    path = path_of(ticket)
+    rank = DESKTOP_PATH.index(ticket.tier) if ticket.tier in DESKTOP_PATH else 0
+    return next((tier for tier in path if DESKTOP_PATH.index(tier) > rank), None)
+
+
+def is_staff(held: frozenset[str]) -> bool:
+    """Whether the sender works the ticket (desk, owning tier or incident manager)."""
+    return bool(held & STAFF)
 
 
 def roles_on(ticket: Ticket, sender: str, roles: Roles) -> frozenset[str]:
     """The sender's roles relative to this ticket."""
     held = {"anyone"}
     global_roles = roles.of(sender)
+    sender = sender.lower()
     if sender == ticket.requester:
         held.add("requester")
     if global_roles & {"service_desk", "service_desk_lead"}:
@@ -93,6 +116,8 @@ def roles_on(ticket: Ticket, sender: str, roles: Roles) -> frozenset[str]:
         held.add("tier")
     if "incident_manager" in global_roles:
         held.add("im")
+    if global_roles & STAFF_ROLES:
+        held.add("staff")
     if ticket.kind == "request":
         if sender in roles.approvers_for(ticket.request_type):
             held.add("approver")

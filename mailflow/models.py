@@ -92,7 +92,11 @@ class Ticket(Base):
     """An incident or a service request."""
 
     __tablename__ = "tickets"
-    __table_args__ = (UniqueConstraint("kind", "number"),)
+    __table_args__ = (
+        UniqueConstraint("kind", "number"),
+        # Know-how reuse: recent resolutions of one category (migration 0002).
+        Index("ix_tickets_similar", "kind", "category", "resolved_at"),
+    )
 
     id: Mapped[int] = mapped_column(Integer, primary_key=True)
     kind: Mapped[str] = mapped_column(String(20))  # incident | request
@@ -122,6 +126,8 @@ class Ticket(Base):
     closed_at: Mapped[datetime | None] = mapped_column(UTCDateTime)
     sla_warned_at: Mapped[datetime | None] = mapped_column(UTCDateTime)
     sla_breached_at: Mapped[datetime | None] = mapped_column(UTCDateTime)
+    # The response target passed with no staff action (recorded once; migration 0002).
+    response_breached_at: Mapped[datetime | None] = mapped_column(UTCDateTime)
 
     events: Mapped[list[Event]] = relationship(
         back_populates="ticket", order_by="Event.id", cascade="all, delete-orphan"
