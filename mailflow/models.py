@@ -115,6 +115,8 @@ class Ticket(Base):
     subject: Mapped[str] = mapped_column(Text)
     description: Mapped[str | None] = mapped_column(Text)
     solution: Mapped[str | None] = mapped_column(Text)
+    # What the opening mail lost to the size limits (attachments kept out …), shown in notices.
+    omitted: Mapped[str | None] = mapped_column(Text)
     form: Mapped[dict[str, Any] | None] = mapped_column(JSON)
     parent_id: Mapped[int | None] = mapped_column(ForeignKey("tickets.id"))
     created_at: Mapped[datetime] = mapped_column(UTCDateTime, index=True)
@@ -196,6 +198,9 @@ class Outbox(Base):
     last_error: Mapped[str | None] = mapped_column(Text)
     created_at: Mapped[datetime] = mapped_column(UTCDateTime)
     sent_at: Mapped[datetime | None] = mapped_column(UTCDateTime)
+    # A delivery report on this mail (migration 0005): "5.1.1 failed: …", and when it came.
+    bounce: Mapped[str | None] = mapped_column(Text)
+    bounced_at: Mapped[datetime | None] = mapped_column(UTCDateTime)
 
 
 class MailboxState(Base):
@@ -254,6 +259,53 @@ class Approval(Base):
     used_at: Mapped[datetime | None] = mapped_column(UTCDateTime)
     decision: Mapped[str | None] = mapped_column(String(20))  # approve | reject | void
     reason: Mapped[str | None] = mapped_column(Text)
+
+
+class Suppression(Base):
+    """An address the desk does not mail until `until` (it hard-bounced)."""
+
+    __tablename__ = "suppressions"
+
+    address: Mapped[str] = mapped_column(String(320), primary_key=True)
+    until: Mapped[datetime] = mapped_column(UTCDateTime)
+    reason: Mapped[str] = mapped_column(Text, default="")
+    created_at: Mapped[datetime] = mapped_column(UTCDateTime)
+
+
+class AutoReply(Base):
+    """One automatic reply (a mail to the sender of the mail being processed): sent or withheld.
+
+    The loop and flood governor counts these per sender and per ticket.
+    """
+
+    __tablename__ = "auto_replies"
+    __table_args__ = (
+        Index("ix_auto_replies_address_at", "address", "at"),
+        Index("ix_auto_replies_ticket_at", "ticket_id", "at"),
+    )
+
+    id: Mapped[int] = mapped_column(Integer, primary_key=True)
+    address: Mapped[str] = mapped_column(String(320))
+    ticket_id: Mapped[int | None] = mapped_column(Integer)
+    inbound_id: Mapped[int | None] = mapped_column(Integer)
+    at: Mapped[datetime] = mapped_column(UTCDateTime)
+    outcome: Mapped[str] = mapped_column(String(20))  # sent | withheld
+    reason: Mapped[str | None] = mapped_column(Text)
+
+
+class Alert(Base):
+    """An alert told to the service desk lead once per episode (a tripped cap, a failing login).
+
+    `last_at` moves while the condition lasts; a new alert is sent only after a quiet period.
+    """
+
+    __tablename__ = "alerts"
+
+    key: Mapped[str] = mapped_column(String(400), primary_key=True)
+    first_at: Mapped[datetime] = mapped_column(UTCDateTime)
+    last_at: Mapped[datetime] = mapped_column(UTCDateTime)
+    count: Mapped[int] = mapped_column(Integer, default=1)
+    detail: Mapped[str] = mapped_column(Text, default="")
 
 
 def utcnow() -> datetime:
