@@ -14,7 +14,9 @@ from mailflow.cli import main
 REQUESTER = "zhang.san@example.test"
 APPROVER = "approver@example.test"
 EXECUTOR = "exec@example.test"
-LAPTOP = "项类型：笔记本电脑\n申请原因：出差使用\n收货地点：三号仓库\n收货人位置：B座3楼\n关联事件：INC-12"
+LAPTOP = (
+    "项类型：笔记本电脑\n申请原因：出差使用\n收货地点：三号仓库\n收货人位置：B座3楼\n关联事件：INC-12"
+)
 
 
 def cli_json(desk, capsys, *args: str):
