@@ -201,6 +201,11 @@ def cmd_show(args: argparse.Namespace) -> int:
         "resolved_at",
     ):
         print(f"{key:>12}: {data[key]}")
+    if data.get("kind") == "request":
+        print(f"{'request_type':>12}: {data.get('request_type')}")
+        for name, value in (data.get("form") or {}).items():
+            shown = ", ".join(value) if isinstance(value, list) else str(value)
+            print(f"{'form.' + name:>24}: {shown.replace(chr(10), ' / ')}")
     print("\ninteractions:")
     for item in data["interactions"]:
         arrow = "→" if item["direction"] == "out" else "←"

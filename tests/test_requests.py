@@ -149,6 +149,12 @@ def test_form_approve_execute_confirm_close(desk, mailbox, smtp, clock, capsys):
     assert len(outbound) == len(smtp.messages)
     assert ticket["messages"] == 5
 
+    # The text view shows the form and its links too.
+    capsys.readouterr()
+    assert main(["--config", str(desk.settings.path), "show", "REQ-1"]) == 0
+    text = capsys.readouterr().out
+    assert "form.receiving_location: 三号仓库" in text and "form.links: INC-12" in text
+
 
 def test_missing_fields_are_asked_for_once_then_supplied(strict_desk, mailbox, smtp, clock,
                                                         capsys):
