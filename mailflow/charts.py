@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import io
 import uuid
+from datetime import date, timedelta
 from typing import Any
 
 import matplotlib
@@ -32,11 +33,20 @@ def _png(fig: Any) -> bytes:
     return out.getvalue()
 
 
+def _label(since: str, until: str) -> str:
+    """A whole month as 2026-10, anything else as 10-05–10-11."""
+    first, last = date.fromisoformat(since), date.fromisoformat(until)
+    next_day = last + timedelta(days=1)
+    if first.day == 1 and next_day.day == 1 and (next_day.month - first.month) % 12 == 1:
+        return since[:7]
+    return f"{since[5:]}–{until[5:]}"
+
+
 def rate_trend(trend: list[dict[str, Any]]) -> bytes:
     """Target achievement rate per period (a gap where nothing was due)."""
     with plt.rc_context({"font.family": _fonts()}):
         fig, ax = plt.subplots(figsize=(6.4, 3.2))
-        labels = [item["since"][5:] + "–" + item["until"][5:] for item in trend]
+        labels = [_label(item["since"], item["until"]) for item in trend]
         values = [
             None if item["target_achievement_rate"] is None else item["target_achievement_rate"]
             for item in trend
@@ -55,6 +65,7 @@ def rate_trend(trend: list[dict[str, Any]]) -> bytes:
                     fontsize=8,
                 )
         ax.set_xticks(xs, labels, rotation=30, ha="right", fontsize=8)
+        ax.set_xlim(-0.5, len(xs) - 0.5)
         ax.set_ylim(0, 110)
         ax.set_ylabel("%")
         ax.set_title("Target achievement rate")

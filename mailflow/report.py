@@ -358,9 +358,31 @@ def render(data: dict[str, Any], fmt: str, desk: Desk | None = None) -> str:
     if desk is None:
         raise MailflowError("the text report needs the desk's templates")
     rendered = desk.renderer.render(
-        "report", report=data, kind=None, mail=False, csv_rows=csv_rows(data)
+        "report", desk=desk.settings.desk, **template_context(desk, data, None, mail=False)
     )
     return f"{rendered.subject}\n\n{rendered.text}".rstrip("\n")
+
+
+def template_context(
+    desk: Desk,
+    data: dict[str, Any],
+    kind: str | None,
+    *,
+    mail: bool,
+    images: Sequence[tuple[str, str, bytes]] = (),
+) -> dict[str, Any]:
+    """What the report templates get: the data, and `when` to show its times locally."""
+
+    def when(iso: str | None) -> str:
+        return desk.renderer.local(datetime.fromisoformat(iso)) if iso else "-"
+
+    return {
+        "report": data,
+        "kind": kind,
+        "mail": mail,
+        "when": when,
+        "charts": {cid.split(".png@")[0]: cid for cid, _, _ in images},
+    }
 
 
 # -- the weekly and monthly mail ----------------------------------------------------------
@@ -463,11 +485,7 @@ def _queue_once(
                 now,
                 attachments=files,
                 inline=images,
-                report=data,
-                kind=kind,
-                mail=True,
-                csv_rows=csv_rows(data),
-                charts={cid.split(".png@")[0]: cid for cid, _, _ in images},
+                **template_context(desk, data, kind, mail=True, images=images),
             )
     except IntegrityError:
         return False  # another daemon claimed it first
