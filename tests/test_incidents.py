@@ -12,14 +12,16 @@ from datetime import UTC, datetime
 from email.message import EmailMessage
 from email.policy import SMTP
 from email.utils import format_datetime, make_msgid
+from zoneinfo import ZoneInfo
 
 import pytest
-from support import DESK, Clock, body_of, make_desk, make_mail, parsed, reply, run_once
+from support import DESK, REPO, body_of, make_desk, make_mail, parsed, reply, run_once
 
 from mailflow import jobs, sla_jobs
 from mailflow.cli import main
 from mailflow.commands import Command
 from mailflow.models import Ticket
+from mailflow.render import Renderer
 from mailflow.similar import similar_resolved, tokens
 
 USER = "zhang.san@example.test"
@@ -357,9 +359,8 @@ def test_a_command_in_quoted_text_is_never_applied(style, desk, mailbox, smtp, c
     assert show(desk, capsys)["status"] == "open"
 
     # The same client with the command in the new text does apply it.
-    mailbox.append(_client_reply(style, notice, "desk1@example.test",
-                                 "已解决<br>更换了内存条。" if style == "qq" else "已解决\n更换了内存条。",
-                                 "请回复命令"))
+    new_text = "已解决<br>更换了内存条。" if style == "qq" else "已解决\n更换了内存条。"
+    mailbox.append(_client_reply(style, notice, "desk1@example.test", new_text, "请回复命令"))
     run_once(desk, clock)
     ticket = show(desk, capsys)
     assert ticket["status"] == "resolved"
@@ -590,10 +591,7 @@ INCIDENT_TEMPLATES = [
 
 @pytest.mark.parametrize("language", ["zh-CN", "en"])
 def test_every_incident_template_renders_in_both_languages(language, tmp_path):
-    from mailflow.render import Renderer
-    from support import REPO
-
-    renderer = Renderer(REPO / "templates", language, Clock().now.tzinfo)  # type: ignore[arg-type]
+    renderer = Renderer(REPO / "templates", language, ZoneInfo("Asia/Shanghai"))
     assert (REPO / "templates" / language / "_macros.txt").is_file()
     ticket = Ticket(kind="incident", number=7, status="open", priority="P3", category="desktop",
                     tier="L2", major=True, rule="r", requester=USER, requester_name="张三",
@@ -603,7 +601,7 @@ def test_every_incident_template_renders_in_both_languages(language, tmp_path):
     context = dict(ticket=ticket, desk=make_desk(tmp_path).settings.desk, author="l2@example.test",
                    text="说明", similar=[ticket], command=Command("resolve"), reason="why",
                    allowed=["comment"], forwarded=True, internal=True, old_tier="L1",
-                   new_tier="L3", automatic=True, used="75%", events=[], reason_code="timeout",
+                   new_tier="L3", automatic=True, used="75%", events=[],
                    confirm_by=shanghai(27, 10))
     for name in INCIDENT_TEMPLATES:
         assert (REPO / "templates" / language / f"{name}.txt").is_file(), name

@@ -40,8 +40,12 @@ def sent_to(smtp, address: str) -> list[bytes]:
     return [m.content for m in smtp.messages if address in m.rcpt_tos]
 
 
+def subject_of(raw: bytes) -> str:
+    return str(parsed(raw)["Subject"])
+
+
 def subjects(smtp, address: str) -> list[str]:
-    return [str(parsed(raw)["Subject"]) for raw in sent_to(smtp, address)]
+    return [subject_of(raw) for raw in sent_to(smtp, address)]
 
 
 def actions(ticket: dict) -> list[str]:
@@ -162,7 +166,7 @@ def test_at_the_top_tier_a_breach_only_tells_the_incident_manager(desk, mailbox,
     ticket = show(desk, capsys)
     assert ticket["tier"] == "IM"
     assert actions(ticket).count("escalated") == 2  # only the two by command
-    breach = [m for m in sent_to(smtp, "im@example.test") if "SLA 超时" in str(parsed(m)["Subject"])]
+    breach = [m for m in sent_to(smtp, "im@example.test") if "SLA 超时" in subject_of(m)]
     assert len(breach) == 1 and "最高处理层级" in body_of(breach[0])
 
 
