@@ -179,19 +179,23 @@ def _request_step(
     session: Session, desk: Desk, ticket: Ticket, steps: list[approvals.Step], index: int,
     now: datetime,
 ) -> None:
-    """Issue a token to every approver of step `index` and mail each their approval mail."""
+    """Issue a token to every approver of step `index` and mail each their approval mail.
+
+    The requester does not approve their own request when the step has anyone else.
+    """
     step = steps[index]
-    if not step.approvers:
+    people = [a for a in step.approvers if a != ticket.requester] or list(step.approvers)
+    if not people:
         record(session, ticket, "approval_unroutable", "mailflow", now,
                f"no approvers for step {index + 1} ({step.group})", step=index)
         notify.queue(session, desk, "request_no_approver", desk.settings.roles.service_desk,
                      now, ticket=ticket, group=step.group, step=index + 1)
         return
-    for approver in step.approvers:
+    for approver in people:
         _send_approval(session, desk, ticket, steps, index, approver, now)
     record(session, ticket, "approval_requested", "mailflow", now,
-           f"step {index + 1}/{len(steps)} {step.group}: {', '.join(step.approvers)}",
-           step=index, group=step.group, approvers=list(step.approvers))
+           f"step {index + 1}/{len(steps)} {step.group}: {', '.join(people)}",
+           step=index, group=step.group, approvers=people)
 
 
 def _send_approval(
@@ -414,21 +418,42 @@ APPLY: dict[str, Any] = {
 
 
 def auto_close(desk: Desk, now: datetime) -> int:
-    """Close requests fulfilled longer ago than `[incident] confirm_timeout` (working time)."""
+    """Close requests fulfilled longer ago than `[incident] confirm_timeout` (working time).
+
+    Each is claimed by a conditional update, so a confirmation arriving meanwhile or a
+    second daemon never closes it twice.
+    """
     timeout = desk.settings.incident.confirm_timeout
     calendar = desk.business_calendar()
+    with desk.db.sessions() as session:
+        rows = session.execute(
+            select(Ticket.id, Ticket.resolved_at).where(
+                Ticket.kind == "request",
+                Ticket.status == "fulfilled",
+                Ticket.resolved_at <= now - timeout,  # working time never outruns the clock
+            )
+        ).all()
     closed = 0
-    with desk.db.transaction() as session:
-        for ticket in session.scalars(
-            select(Ticket).where(Ticket.kind == "request", Ticket.status == "fulfilled")
-        ):
-            if ticket.resolved_at is None:
+    for ticket_id, fulfilled_at in rows:
+        deadline = sla.due_at(calendar, fulfilled_at, timeout)
+        if deadline is None or deadline > now:
+            continue
+        with desk.db.transaction() as session:
+            claimed = session.execute(
+                update(Ticket)
+                .where(Ticket.id == ticket_id, Ticket.status == "fulfilled",
+                       Ticket.resolved_at == fulfilled_at)
+                .values(status="closed", closed_at=now, updated_at=now)
+                .execution_options(synchronize_session=False)
+            )
+            if claimed.rowcount != 1:  # type: ignore[attr-defined]
                 continue
-            deadline = sla.due_at(calendar, ticket.resolved_at, timeout)
-            if deadline is not None and deadline <= now:
-                _close(session, desk, ticket, "mailflow", now, "timeout")
-                _set_status(session, ticket, "closed", "mailflow", now, "not confirmed in time")
-                closed += 1
+            ticket = session.get(Ticket, ticket_id)
+            assert ticket is not None
+            record(session, ticket, "status", "mailflow", now,
+                   "fulfilled → closed (not confirmed in time)", old="fulfilled", new="closed")
+            _close(session, desk, ticket, "mailflow", now, "timeout")
+            closed += 1
     return closed
 
 

@@ -330,3 +330,33 @@ def test_executor_reopened_and_unconfirmed_requests_close_themselves(desk, mailb
     run_once(desk, clock)
     closed = mails_to(smtp, REQUESTER, "已关闭")
     assert len(closed) == 1 and "自动关闭" in body_of(closed[0])
+
+
+def test_no_approver_is_asked_to_approve_their_own_request(chain_desk, mailbox, smtp, clock,
+                                                           capsys):
+    desk = chain_desk
+    mailbox.append(make_mail("itmgr1@example.test", "申请一台笔记本电脑", LAPTOP))
+    run_once(desk, clock)
+    head_mail = sent_to(smtp, "head@example.test")[0].content
+    mailbox.append(answer(head_mail, "head@example.test", "同意"))
+    run_once(desk, clock)
+    assert len(sent_to(smtp, "itmgr2@example.test")) == 1
+    assert not [m for m in sent_to(smtp, "itmgr1@example.test")
+                if "待审批" in parsed(m.content)["Subject"]]
+
+
+def test_a_step_with_nobody_to_ask_waits_and_tells_the_desk(tmp_path, mailbox, smtp, clock,
+                                                            capsys):
+    desk = make_desk(tmp_path, mailbox=mailbox, smtp=smtp,
+                     roles={"approvers": {"default": [APPROVER], "it": []}},
+                     requests={"approval_chain": {"default": ["it"]}})
+    try:
+        mailbox.append(make_mail(REQUESTER, "申请开通VPN", "申请原因：出差"))
+        run_once(desk, clock)
+        ticket = show(desk, capsys)
+        assert ticket["status"] == "pending_approval"
+        assert "approval_unroutable" in [e["action"] for e in ticket["events"]]
+        assert len(sent_to(smtp, "desk1@example.test")) == 1
+        assert sent_to(smtp, APPROVER) == []
+    finally:
+        desk.close()
