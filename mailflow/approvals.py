@@ -136,6 +136,15 @@ def tokens_in(mail: ParsedMail, desk_address: str) -> list[str]:
     return list(dict.fromkeys(found))
 
 
+def ticket_by_token(session: Session, mail: ParsedMail, desk_address: str) -> Ticket | None:
+    """The request a reply token names (threading only: `verify` decides what it may do)."""
+    for token in tokens_in(mail, desk_address):
+        row = session.scalar(select(Approval).where(Approval.token_hash == token_hash(token)))
+        if row is not None:
+            return session.get(Ticket, row.ticket_id)
+    return None
+
+
 # -- the approval chain --------------------------------------------------------------------
 
 

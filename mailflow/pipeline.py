@@ -19,7 +19,7 @@ from sqlalchemy import select
 from sqlalchemy.exc import SQLAlchemyError
 from sqlalchemy.orm import Session
 
-from mailflow import incidents, requests, tracking
+from mailflow import approvals, incidents, requests, tracking
 from mailflow.desk import Desk
 from mailflow.mail import ParsedMail, parse
 from mailflow.models import Inbound, Ticket
@@ -110,7 +110,9 @@ def handle(session: Session, desk: Desk, inbound: Inbound, now: datetime) -> Out
     automatic = _automatic(desk, mail)
     if automatic:
         return Outcome("ignored", f"automatic mail: {automatic}")
-    ticket = tracking.find_ticket(session, mail.subject, mail.in_reply_to, mail.references)
+    ticket = tracking.find_ticket(
+        session, mail.subject, mail.in_reply_to, mail.references
+    ) or approvals.ticket_by_token(session, mail, desk.address)
     process = incidents if ticket is None or ticket.kind == "incident" else requests
     if ticket is not None and _closed_too_long(desk, ticket, now):
         parent, ticket = ticket, None

@@ -197,6 +197,16 @@ def test_tampered_conflicting_and_multi_sender_mails_are_refused(desk, mailbox, 
     assert sent_to(smtp, MALLORY) == []
 
 
+def test_the_reply_address_alone_finds_the_request(desk, mailbox, smtp, clock, capsys):
+    """A client that lost the subject tag and the thread still reaches the request."""
+    approval = request(mailbox, desk, smtp, clock)
+    mailbox.append(make_mail(APPROVER, "我的意见", "同意",
+                             to=str(parsed(approval)["Reply-To"])))
+    run_once(desk, clock)
+    assert [t["ref"] for t in cli_json(desk, capsys, "tickets")] == ["REQ-1"]
+    assert cli_json(desk, capsys, "show", "REQ-1")["status"] == "approved"
+
+
 def test_a_token_whose_stored_row_was_altered_is_refused(desk, mailbox, smtp, clock, capsys):
     """The HMAC binds the token to its approver: rewriting the row does not reroute it."""
     approval = request(mailbox, desk, smtp, clock)
