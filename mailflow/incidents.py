@@ -378,8 +378,8 @@ def escalate(
 
 
 def _escalate(session, desk, ticket, sender, cmd, held, now) -> None:
-    reason = "\n".join(cmd.text.strip().splitlines()[1:]).strip()  # below the command line
-    escalate(session, desk, ticket, sender, now, reason)
+    below = "\n".join(cmd.text.strip().splitlines()[1:]).strip()
+    escalate(session, desk, ticket, sender, now, "\n".join(p for p in (cmd.argument, below) if p))
 
 
 def _assign(session, desk, ticket, sender, cmd, held, now) -> None:

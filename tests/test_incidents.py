@@ -141,7 +141,7 @@ def test_desktop_incident_escalates_l1_l2_l3_then_im(desk, mailbox, smtp, clock,
     assert show(desk, capsys)["tier"] == "L2"
     assert "操作未执行" in str(parsed(last_to(smtp, "desk1@example.test"))["Subject"])
 
-    answer(desk, mailbox, clock, to_l2, "l2@example.test", "escalate\nmotherboard fault")
+    answer(desk, mailbox, clock, to_l2, "l2@example.test", "escalate: motherboard\nfault")
     assert show(desk, capsys)["tier"] == "L3"
     to_l3 = last_to(smtp, "l3@example.test")
     answer(desk, mailbox, clock, to_l3, "l3@example.test", "升级")
@@ -155,7 +155,7 @@ def test_desktop_incident_escalates_l1_l2_l3_then_im(desk, mailbox, smtp, clock,
     assert "problem" in refused and "最高处理层级" in refused
     ticket = show(desk, capsys)
     escalations = [e["detail"] for e in ticket["events"] if e["action"] == "escalated"]
-    assert escalations == ["L1 → L2: 需要现场处理，请二线支持上门。", "L2 → L3: motherboard fault",
+    assert escalations == ["L1 → L2: 需要现场处理，请二线支持上门。", "L2 → L3: motherboard\nfault",
                            "L3 → IM"]
     assert actions(ticket).count("refused") == 2
     assert ticket["status"] == "open"
