@@ -14,11 +14,13 @@ from datetime import UTC, datetime
 
 from apscheduler.triggers.interval import IntervalTrigger
 from support import Clock, body_of, make_desk, make_mail, parsed, reply, run_once
+from test_sla import _brute_due, _brute_minutes
 
-from mailflow import jobs, sla_jobs
+from mailflow import incidents, jobs, sla, sla_jobs
 from mailflow.cli import main
 from mailflow.daemon import Daemon
 from mailflow.models import Ticket
+from mailflow.tickets import record
 
 USER = "zhang.san@example.test"
 
@@ -291,3 +293,36 @@ def test_the_jobs_run_every_minute_in_the_daemon(desk):
         assert by_name[name].catch_up
     scheduler = Daemon(desk)._scheduler()
     assert {"sla-scan", "incident-auto-close"} <= {j.id for j in scheduler.get_jobs()}
+
+
+def test_pauses_come_from_the_status_events_and_due_at_matches_a_minute_count(desk):
+    """Around National Day 2026 (10-01..10-07 off, Saturday 10-10 a make-up working day)."""
+    opened = shanghai(30, 10, 0, month=9)
+    changes = [  # (when, new status)
+        (shanghai(30, 11, 0, month=9), "pending"),
+        (shanghai(8, 10, 0, month=10), "open"),
+        (shanghai(9, 9, 0, month=10), "resolved"),
+        (shanghai(9, 10, 0, month=10), "open"),
+        (shanghai(10, 11, 0, month=10), "pending"),  # still waiting on the make-up Saturday
+    ]
+    now = shanghai(10, 12, 0, month=10)
+    with desk.db.transaction() as session:
+        ticket = Ticket(kind="incident", number=1, status="open", priority="P3",
+                        category="desktop", tier="L1", rule="r", requester=USER, subject="s",
+                        created_at=opened, updated_at=opened)
+        session.add(ticket)
+        session.flush()
+        old = "open"
+        for at, new in changes:
+            record(session, ticket, "status", USER, at, "", old=old, new=new)
+            old = new
+        record(session, ticket, "comment", USER, now, "not a status change")
+        paused = incidents.pauses(session, ticket)
+        at = [when for when, _ in changes]
+        assert paused == [(at[0], at[1]), (at[2], at[3]), (at[4], None)]
+        incidents.refresh_due(session, desk, ticket, now)
+        closed = [(a, b or now) for a, b in paused]
+        cal = desk.calendar("P3")
+        assert ticket.due_at == _brute_due(cal, opened, 16 * 60, closed)
+        used = 60 * _brute_minutes(cal, opened, now, closed)
+        assert sla.elapsed(cal, opened, now, paused) == used
