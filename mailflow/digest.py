@@ -73,6 +73,8 @@ class QueueRow:
     waited: timedelta
     used: float
     state: str  # ok | at_risk | breached
+    resolved_at: datetime | None = None
+    within_target: bool = False
 
 
 @dataclass(frozen=True)
@@ -119,6 +121,8 @@ def _row(f: Facts, now: datetime, warn_at: float) -> QueueRow:
         waited=now - f.created_at,
         used=f.used,
         state=f.sla_state(warn_at),
+        resolved_at=f.resolved_at,
+        within_target=f.within_target,
     )
 
 
@@ -303,7 +307,7 @@ def context_for(desk: Desk, snap: Snapshot, address: str, roles: list[str]) -> d
         "recipient": address,
         "roles": roles,
         "day": snap.day,
-        "now": snap.now,
+        "as_of": snap.now,
         "queue": queue,
         "states": Counter(row.state for row in queue),
         "approvals": approvals,

@@ -27,7 +27,7 @@ RULES = {
     "30-oa.toml": ("OA", "incident", "oa", "P3", "L3", False),
     "40-network.toml": ("网络", "incident", "network", "P3", "L1", False),
     "50-desktop.toml": ("电脑", "incident", "desktop", "P3", "L1", True),
-    "60-outage.toml": ("全部瘫痪", "incident", "network", "P1", "L2", False),
+    "05-outage.toml": ("全部瘫痪", "incident", "network", "P1", "L2", False),
     "70-request.toml": ("申请", "request", "account", "P4", None, False),
 }
 
@@ -134,4 +134,39 @@ def october(desk: Desk) -> None:
     s("2026-10-28 10:00", DESK1, "Re: [INC-8] 网络掉线", "待用户 请提供网口编号")
     # INC-9 P3 network: opened Fri Oct 30 14:00, due Tue Nov 3 15:00 (outside October).
     assert s("2026-10-30 14:00", U1, "网络打不开网页", "浏览器报错") == "INC-9"
+    assert refused(desk) == 0, "every scenario command must be applied"
+
+
+L3, APPROVER = "l3@example.test", "approver@example.test"
+DIGEST_TIME = "2026-11-24 08:30"  # Tuesday; "yesterday" is Monday Nov 23
+
+
+def november(desk: Desk) -> None:
+    """Open and closed incidents and a request as they stand on the morning of Nov 24."""
+    s = lambda *a: send(desk, *a)  # noqa: E731
+    # INC-1 P3 network L1: due Mon Nov 23 10:00, still open (breached yesterday).
+    assert s("2026-11-19 09:00", U1, "网络很慢", "网页打不开") == "INC-1"
+    # INC-2 P3 desktop L1: 13.5 h of 16 used by Tuesday morning (at risk).
+    assert s("2026-11-20 10:00", U2, "电脑蓝屏", "开机蓝屏") == "INC-2"
+    # INC-3 P3 network L1: opened and resolved yesterday.
+    assert s("2026-11-23 09:00", U3, "网络掉线", "经常断开") == "INC-3"
+    s("2026-11-23 11:00", DESK1, "Re: [INC-3] 网络掉线", "已解决 更换了网线")
+    # INC-4 P4 printer L1: resolved Friday, reopened yesterday; due Nov 23 15:00 (breached).
+    assert s("2026-11-16 09:00", U1, "打印机卡纸", "三楼打印机") == "INC-4"
+    s("2026-11-20 16:00", DESK1, "Re: [INC-4] 打印机卡纸", "已解决 清理了卡纸")
+    s("2026-11-23 09:00", U1, "Re: [INC-4] 打印机卡纸", "重开 又卡纸了")
+    # INC-5 P3 OA at L3, new yesterday.
+    assert s("2026-11-23 10:00", U2, "OA无法登录", "提示密码错误") == "INC-5"
+    # REQ-1 waiting for approval.
+    assert s("2026-11-23 11:00", U3, "申请新账号", "申请类型: account\n申请原因: 新员工入职") \
+        == "REQ-1"
+    # INC-6 P3 desktop L1: pending since yesterday afternoon.
+    assert s("2026-11-23 14:00", U2, "电脑很卡", "打开文件很慢") == "INC-6"
+    s("2026-11-23 15:00", DESK1, "Re: [INC-6] 电脑很卡", "待用户 请问是哪台电脑？")
+    # INC-7 P1 major outage at L2, escalated to L3 yesterday; due 20:00 (breached).
+    assert s("2026-11-23 16:00", U3, "网络全部瘫痪", "整栋楼无法上网") == "INC-7"
+    s("2026-11-23 18:00", L2, "Re: [INC-7] 网络全部瘫痪", "升级 核心交换机故障")
+    # INC-8 P3 network: resolved within target on Nov 10 (due Nov 11 10:00).
+    assert s("2026-11-10 09:00", U1, "网络打不开网页", "浏览器报错") == "INC-8"
+    s("2026-11-10 15:00", DESK1, "Re: [INC-8] 网络打不开网页", "已解决 清除了代理设置")
     assert refused(desk) == 0, "every scenario command must be applied"
