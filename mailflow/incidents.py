@@ -14,7 +14,7 @@ import re
 import unicodedata
 from collections.abc import Callable
 from datetime import datetime
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any
 
 from sqlalchemy import select, update
 from sqlalchemy.orm import Session
@@ -86,14 +86,30 @@ def pauses(session: Session, ticket: Ticket) -> list[sla.Pause]:
     Derived from the status events (the audit trail is the source); the last one is open
     (end None) while the incident is not open now.
     """
-    rows = session.execute(
-        select(Event.at, Event.data)
-        .where(Event.ticket_id == ticket.id, Event.action == "status")
-        .order_by(Event.id)
-    )
+    return pauses_of(status_history(session, [ticket.id]).get(ticket.id, []))
+
+
+def status_history(
+    session: Session, ticket_ids: list[int]
+) -> dict[int, list[tuple[datetime, dict[str, Any] | None]]]:
+    """(at, data) of the status events of many tickets, in order, in few queries."""
+    history: dict[int, list[tuple[datetime, dict[str, Any] | None]]] = {}
+    for i in range(0, len(ticket_ids), 500):
+        rows = session.execute(
+            select(Event.ticket_id, Event.at, Event.data)
+            .where(Event.ticket_id.in_(ticket_ids[i : i + 500]), Event.action == "status")
+            .order_by(Event.id)
+        )
+        for ticket_id, at, data in rows:
+            history.setdefault(ticket_id, []).append((at, data))
+    return history
+
+
+def pauses_of(history: list[tuple[datetime, dict[str, Any] | None]]) -> list[sla.Pause]:
+    """The pauses in one ticket's status history (see `pauses`)."""
     found: list[sla.Pause] = []
     start: datetime | None = None
-    for at, data in rows:
+    for at, data in history:
         new = (data or {}).get("new")
         if new != "open" and start is None:
             start = at

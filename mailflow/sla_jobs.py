@@ -57,12 +57,10 @@ class _Due:
     response_breach: bool
 
 
-def _assess(session: Session, desk: Desk, ticket: Ticket, now: datetime) -> _Due:
+def _assess(desk: Desk, ticket: Ticket, pauses: list[sla.Pause], now: datetime) -> _Due:
     cal = desk.calendar(ticket.priority)
     target = desk.target(ticket.priority)
-    used = sla.fraction_used(
-        cal, ticket.created_at, now, target.resolve, incidents.pauses(session, ticket)
-    )
+    used = sla.fraction_used(cal, ticket.created_at, now, target.resolve, pauses)
     response_breach = (
         ticket.responded_at is None
         and ticket.response_breached_at is None
@@ -193,7 +191,11 @@ def scan(desk: Desk, now: datetime) -> ScanResult:
     """Warn, escalate and record breaches for every open incident that is due."""
     result = ScanResult()
     with desk.db.sessions() as session:
-        due = [_assess(session, desk, t, now) for t in _open_incidents(session)]
+        tickets = _open_incidents(session)
+        history = incidents.status_history(session, [t.id for t in tickets])
+        due = [
+            _assess(desk, t, incidents.pauses_of(history.get(t.id, [])), now) for t in tickets
+        ]
     for item in due:
         if not (item.warn or item.breach or item.response_breach):
             continue
