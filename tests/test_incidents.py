@@ -383,7 +383,7 @@ def test_reopen_goes_back_to_the_tier_that_resolved_it_and_moves_the_deadline(
     assert ticket["due_at"] == "2026-11-26T03:00:00Z"  # Thu 11:00 Shanghai (P3, 16 h)
     resolved = last_to(smtp, USER)
 
-    # The desk takes it back to L1 meanwhile; reopening still returns it to L2.
+    # The requester's "未解决" sends it back to L2, which resolved it (not to the desk).
     clock.now = shanghai(24, 11, 0)
     answer(desk, mailbox, clock, resolved, USER, "未解决\n今天早上又蓝屏了。")
     ticket = show(desk, capsys)
