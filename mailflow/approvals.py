@@ -206,7 +206,6 @@ def issue(
         expires_at=now + desk.settings.requests.token_ttl,
     )
     session.add(row)
-    session.flush()
     return Issued(row, token)
 
 

@@ -14,15 +14,15 @@
 
 from __future__ import annotations
 
-from datetime import datetime
+from datetime import datetime, timedelta
 from typing import TYPE_CHECKING, Any
 
-from sqlalchemy import select, update
+from sqlalchemy import func, select, update
 from sqlalchemy.orm import Session
 
 from mailflow import approvals, commands, forms, jobs, lifecycle, notify, sla, tracking
 from mailflow.commands import Command
-from mailflow.models import Approval, Inbound, Ticket
+from mailflow.models import Approval, Inbound, Outbox, Ticket
 from mailflow.tickets import record
 
 if TYPE_CHECKING:
@@ -322,11 +322,25 @@ def refuse_decision(
         if row.step < len(steps):
             _send_approval(session, desk, ticket, steps, row.step, row.approver, now)
             reissued = True
+    cap = desk.settings.limits.auto_replies_per_sender_per_hour
+    tell = [a for a in _to_tell(session, desk, ticket, verdict, sender)
+            if _notices_this_hour(session, a, now) < cap]
     notify.queue(
-        session, desk, "approval_refused", _to_tell(session, desk, ticket, verdict, sender), now,
+        session, desk, "approval_refused", tell, now,
         ticket=ticket, sender=sender, action=cmd.action, why=verdict.why, code=verdict.code,
         received_at=now, subject=mail.subject, reissued=reissued,
     )
+
+
+def _notices_this_hour(session: Session, approver: str, now: datetime) -> int:
+    """Refusal notices an approver got in the last hour: forged mail cannot flood them."""
+    return session.scalar(
+        select(func.count(Outbox.id)).where(
+            Outbox.template == "approval_refused",
+            Outbox.recipient == approver,
+            Outbox.created_at > now - timedelta(hours=1),
+        )
+    ) or 0
 
 
 # -- other commands -------------------------------------------------------------------------

@@ -100,6 +100,20 @@ def test_someone_else_replying_with_the_real_token_is_refused(desk, mailbox, smt
     assert cli_json(desk, capsys, "show", "REQ-1")["status"] == "approved"
 
 
+def test_a_flood_of_forgeries_does_not_flood_the_approver(desk, mailbox, smtp, clock, capsys):
+    approval = request(mailbox, desk, smtp, clock)
+    for n in range(8):
+        mailbox.append(answer(approval, f"mallory{n}@example.test", "同意"))
+    run_once(desk, clock)
+    assert_unchanged(desk, capsys, smtp)
+    assert len(refusals(desk, capsys)) == 8, "every one is recorded"
+    assert len(told(smtp, APPROVER)) == desk.settings.limits.auto_replies_per_sender_per_hour
+    clock.advance(hours=2)
+    mailbox.append(answer(approval, MALLORY, "同意"))
+    run_once(desk, clock)
+    assert len(told(smtp, APPROVER)) == desk.settings.limits.auto_replies_per_sender_per_hour + 1
+
+
 def test_a_mail_from_the_approvers_address_without_the_token_is_refused(desk, mailbox, smtp,
                                                                        clock, capsys):
     request(mailbox, desk, smtp, clock)
