@@ -11,7 +11,7 @@ import os
 import re
 import tomllib
 from collections.abc import Callable
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from datetime import time, timedelta
 from pathlib import Path
 from typing import Any
@@ -74,10 +74,36 @@ class ImapConfig:
     ca_file: str | None = None
     done_flag: str = "$MailflowDone"
     move_to: str | None = None
+    # Operations (docs/operations.md): push delivery, provider quirks, OAuth2, leases.
+    idle: bool = True  # wait in IMAP IDLE when the server offers it, else poll
+    idle_renew: float = 1500.0  # seconds; re-issue IDLE before servers cut it (29–30 min)
+    client_id: tuple[tuple[str, str], ...] = ()  # RFC 2971 ID fields; empty: ID not sent
+    auth: str = "password"  # password | xoauth2
+    oauth2_token_command: str = ""
+    oauth2_token_file: str = ""
+    oauth2_refresh_margin: float = 300.0  # seconds before expiry a token is read again
+    lease_ttl: float = 60.0  # seconds a poller's lease on the mailbox lasts unrenewed
+    reconnect_max: float = 300.0  # the longest wait between reconnection attempts
+    # Defaults for new mail in this mailbox that no rule (but the default rule) matched.
+    kind: str | None = None
+    category: str | None = None
+    priority: str | None = None
 
     @property
     def enabled(self) -> bool:
         return bool(self.host)
+
+
+@dataclass(frozen=True)
+class MetricsSettings:
+    port: int = 0  # 0: no Prometheus endpoint
+    address: str = "127.0.0.1"
+
+
+@dataclass(frozen=True)
+class LogSettings:
+    format: str = "text"  # text | logfmt | json
+    level: str = "INFO"
 
 
 @dataclass(frozen=True)
@@ -213,6 +239,10 @@ class Settings:
     rules_dir: Path
     templates_dir: Path
     raw: dict[str, Any] = field(repr=False, default_factory=dict)
+    # Every IMAP mailbox polled: [imap] first (when it has a host), then [[mailboxes]].
+    mailboxes: tuple[ImapConfig, ...] = ()
+    metrics: MetricsSettings = field(default_factory=MetricsSettings)
+    log: LogSettings = field(default_factory=LogSettings)
 
     @property
     def base_dir(self) -> Path:
@@ -366,6 +396,125 @@ def _names(r: _Reader, key: str, value: Any) -> tuple[str, ...] | None:
     return tuple(v.strip() for v in value)
 
 
+def _seconds(value: Any) -> float:
+    """A number of seconds, or a duration string ('90s', '25m', '1h')."""
+    if isinstance(value, int | float) and not isinstance(value, bool):
+        seconds = float(value)
+    elif isinstance(value, str) and re.fullmatch(r"\s*\d+(\.\d+)?\s*s\s*", value):
+        seconds = float(value.strip()[:-1])
+    elif isinstance(value, str):
+        seconds = _duration(value).total_seconds()
+    else:
+        raise ValueError(f"must be seconds (a number) or a duration like '25m', got {value!r}")
+    if seconds <= 0:
+        raise ValueError(f"must be longer than zero, got {value!r}")
+    return seconds
+
+
+def _client_id(r: _Reader, section: str) -> tuple[tuple[str, str], ...]:
+    """[imap] id = {name = …} (sent as is) or send_id = true (mailflow's own fields)."""
+    from mailflow import __version__
+
+    table = r.table(section)
+    fields = table.get("id")
+    if fields is not None:
+        if not isinstance(fields, dict) or not all(
+            isinstance(k, str) and isinstance(v, str) for k, v in fields.items()
+        ):
+            r.problem(f"{section}.id", 'must be a table of strings, e.g. {name = "mailflow"}')
+            return ()
+        bad = [k for k, v in fields.items() if len(k) > 30 or len(v) > 1024]
+        if bad or len(fields) > 30:
+            r.problem(f"{section}.id", "RFC 2971 allows 30 fields, names ≤ 30 and values ≤ 1024")
+        return tuple(fields.items())
+    if r.get(section, "send_id", bool, False):
+        return (("name", "mailflow"), ("version", __version__), ("vendor", "mailflow"))
+    return ()
+
+
+def _imap_config(r: _Reader, section: str, base: Path) -> ImapConfig:
+    """One mailbox's settings from `section` ([imap] or mailboxes.N)."""
+    s = section
+    cfg = ImapConfig(
+        host=r.get(s, "host", str, ""),
+        port=r.get(s, "port", int, 993),
+        security=_choice(r, s, "security", "tls", ("none", "starttls", "tls")),
+        username=r.get(s, "username", str, ""),
+        password=r.secret(s, "password"),
+        folder=r.get(s, "folder", str, "INBOX"),
+        timeout=r.get(s, "timeout", float, 30.0),
+        batch_size=r.get(s, "batch_size", int, 200),
+        verify_tls=r.get(s, "verify_tls", bool, True),
+        ca_file=r.get(s, "ca_file", str, None),
+        done_flag=r.get(s, "done_flag", str, "$MailflowDone"),
+        move_to=r.get(s, "move_to", str, None),
+        idle=r.get(s, "idle", bool, True),
+        idle_renew=r.parsed(s, "idle_renew", 1500.0, _seconds),
+        client_id=_client_id(r, s),
+        auth=_choice(r, s, "auth", "password", ("password", "xoauth2")),
+        oauth2_token_command=r.get(s, "oauth2_token_command", str, ""),
+        oauth2_token_file=r.get(s, "oauth2_token_file", str, ""),
+        oauth2_refresh_margin=r.parsed(s, "oauth2_refresh_margin", 300.0, _seconds),
+        lease_ttl=r.parsed(s, "lease_ttl", 60.0, _seconds),
+        reconnect_max=r.parsed(s, "reconnect_max", 300.0, _seconds),
+        kind=_choice(r, s, "kind", "", ("", "incident", "request")) or None,
+        category=r.get(s, "category", str, None),
+        priority=_choice(r, s, "priority", "", ("", *PRIORITIES)) or None,
+    )
+    if cfg.oauth2_token_file:
+        cfg = replace(cfg, oauth2_token_file=str(_path(base, cfg.oauth2_token_file)))
+    if cfg.enabled and not cfg.username:
+        r.problem(f"{s}.username", f"required when {s}.host is set")
+    if cfg.idle_renew >= 29 * 60:
+        r.problem(f"{s}.idle_renew", "must be under 29 minutes (RFC 2177: servers cut IDLE at 30)")
+    if cfg.auth == "xoauth2" and bool(cfg.oauth2_token_command) == bool(cfg.oauth2_token_file):
+        r.problem(f"{s}.auth", "xoauth2 needs one of oauth2_token_command, oauth2_token_file")
+    if cfg.auth != "xoauth2" and (cfg.oauth2_token_command or cfg.oauth2_token_file):
+        r.problem(f"{s}.auth", 'set auth = "xoauth2" to use an OAuth2 token')
+    if cfg.lease_ttl < 5:
+        r.problem(f"{s}.lease_ttl", "must be at least 5 seconds")
+    return cfg
+
+
+def _mailboxes(r: _Reader, imap: ImapConfig, base: Path) -> tuple[ImapConfig, ...]:
+    """[imap] (when it has a host) and each [[mailboxes]] entry, which inherits from [imap]."""
+    entries = r.data.get("mailboxes", [])
+    if not isinstance(entries, list) or not all(isinstance(e, dict) for e in entries):
+        r.problem("mailboxes", "must be an array of tables ([[mailboxes]])")
+        return (imap,) if imap.enabled else ()
+    out = [imap] if imap.enabled else []
+    inherited = r.table("imap")
+    for n, entry in enumerate(entries):
+        section = f"mailboxes.{n}"
+        # A nested copy so the reader's dotted lookup finds "mailboxes.N" (and names it).
+        local = _Reader({"mailboxes": {str(n): {**inherited, **entry}}}, r.file)
+        cfg = _imap_config(local, section, base)
+        r.problems.extend(local.problems)
+        if not cfg.enabled:
+            r.problem(f"{section}.host", "required (here or in [imap])")
+        out.append(cfg)
+    names = [(c.username, c.host, c.port, c.folder) for c in out]
+    if len(set(names)) != len(names):
+        r.problem("mailboxes", "two mailboxes read the same folder of the same account")
+    return tuple(out)
+
+
+def _log_settings(r: _Reader) -> LogSettings:
+    level = r.get("log", "level", str, "INFO").upper()
+    if level not in ("DEBUG", "INFO", "WARNING", "ERROR"):
+        r.problem("log.level", f"must be DEBUG, INFO, WARNING or ERROR, got {level!r}")
+        level = "INFO"
+    return LogSettings(_choice(r, "log", "format", "text", ("text", "logfmt", "json")), level)
+
+
+def _metrics_settings(r: _Reader) -> MetricsSettings:
+    port = r.get("metrics", "port", int, 0)
+    if not 0 <= port <= 65535:
+        r.problem("metrics.port", f"must be a TCP port (1-65535), or 0 for none; got {port}")
+        port = 0
+    return MetricsSettings(port, r.get("metrics", "address", str, "127.0.0.1"))
+
+
 def _request_settings(r: _Reader, roles: Roles) -> RequestSettings:
     """[requests]: required form fields and approval chains per request type, tokens."""
     from mailflow.forms import FIELDS
@@ -441,22 +590,8 @@ def _read(path: Path) -> tuple[Settings | None, list[Problem]]:
         r.problem("desk.timezone", f"unknown time zone {desk.timezone!r}")
         desk = DeskSettings(**{**desk.__dict__, "timezone": "Asia/Shanghai"})
 
-    imap = ImapConfig(
-        host=r.get("imap", "host", str, ""),
-        port=r.get("imap", "port", int, 993),
-        security=_choice(r, "imap", "security", "tls", ("none", "starttls", "tls")),
-        username=r.get("imap", "username", str, ""),
-        password=r.secret("imap", "password"),
-        folder=r.get("imap", "folder", str, "INBOX"),
-        timeout=r.get("imap", "timeout", float, 30.0),
-        batch_size=r.get("imap", "batch_size", int, 200),
-        verify_tls=r.get("imap", "verify_tls", bool, True),
-        ca_file=r.get("imap", "ca_file", str, None),
-        done_flag=r.get("imap", "done_flag", str, "$MailflowDone"),
-        move_to=r.get("imap", "move_to", str, None),
-    )
-    if imap.enabled and not imap.username:
-        r.problem("imap.username", "required when imap.host is set")
+    imap = _imap_config(r, "imap", base)
+    mailboxes = _mailboxes(r, imap, base)
 
     maildir_value = r.get("maildir", "path", str, "")
     smtp_host = r.get("smtp", "host", str, "")
@@ -580,6 +715,9 @@ def _read(path: Path) -> tuple[Settings | None, list[Problem]]:
         rules_dir=rules_dir,
         templates_dir=templates_dir,
         raw=data,
+        mailboxes=mailboxes,
+        metrics=_metrics_settings(r),
+        log=_log_settings(r),
     )
     return settings, r.problems
 

@@ -4,7 +4,9 @@
                                     scheduler (SLA, digests, reports) ─┘
 
 `run_once()` does one pass of everything (`mailflow run --once`); `run()` loops until
-SIGTERM, finishing the message in hand before it stops.
+SIGTERM, finishing the message in hand before it stops. In `run()` each IMAP mailbox has
+a watcher thread (mailflow/watcher.py: lease, poll, IDLE, reconnect with backoff) that
+wakes the processing loop when mail is stored; SIGHUP reloads rules/.
 """
 
 from __future__ import annotations
@@ -13,13 +15,14 @@ import asyncio
 import contextlib
 import logging
 import signal
+import threading
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from datetime import datetime
 
 from apscheduler.schedulers.asyncio import AsyncIOScheduler
 
-from mailflow import intake, jobs, outbox, pipeline
+from mailflow import exporter, intake, jobs, leases, outbox, pipeline, watcher
 from mailflow.desk import Desk
 from mailflow.fetch import MaildirSource, SourceError
 from mailflow.models import MailboxState, utcnow
@@ -47,24 +50,30 @@ class Daemon:
     def __init__(self, desk: Desk, clock: Callable[[], datetime] = utcnow) -> None:
         self.desk = desk
         self.clock = clock
-        self.imap = intake.imap_source(desk)
+        self.mailboxes = intake.imap_mailboxes(desk)
+        self.sources = [intake.source_for(cfg) for cfg in self.mailboxes]
+        self.imap = self.sources[0] if self.sources else None  # the [imap] mailbox
         maildir = desk.settings.maildir
         self.maildir = MaildirSource(maildir) if maildir else None
+        self.owner = leases.process_owner()
         self._stop = asyncio.Event()
         self._relay_now = asyncio.Event()
+        self._work = asyncio.Event()  # set when a watcher stored mail
+        self._halt = threading.Event()  # the stop flag as threads see it
+        self.watchers: list[watcher.MailboxWatcher] = []
 
     # one pass --------------------------------------------------------------------------
     def poll(self) -> tuple[int, list[str]]:
         """Fetch from every source; a failing source is logged and recorded, not fatal."""
         fetched, errors = 0, []
-        if self.imap is not None:
+        for source in self.sources:
             try:
-                fetched += intake.poll_imap(self.desk, self.imap, self.clock)
+                fetched += intake.poll_imap(self.desk, source, self.clock, self.owner)
             except SourceError as exc:
                 errors.append(str(exc))
                 log.error("%s", exc)
-                self._record_error(self.imap.name, str(exc))
-                self.imap.close()
+                self._record_error(source.name, str(exc))
+                source.close()
         if self.maildir is not None:
             try:
                 fetched += intake.poll_maildir(self.desk, self.maildir, self.clock)
@@ -86,20 +95,46 @@ class Daemon:
 
     def run_once(self) -> PassResult:
         """Fetch everything new, process it, deliver every due outbox message."""
-        fetched, processed, errors = self.intake_pass()
+        try:
+            fetched, processed, errors = self.intake_pass()
+        finally:
+            for source in self.sources:  # the next `run --once` may run on another host
+                leases.release(self.desk.db, source.name, self.owner)
         relayed = asyncio.run(outbox.relay(self.desk.db, self.desk.settings.smtp, self.clock))
         return PassResult(fetched, processed, relayed, errors)
 
     # the daemon ------------------------------------------------------------------------
     def stop(self) -> None:
+        """Finish the message in hand, then stop (SIGTERM, SIGINT)."""
+        log.info("stopping: finishing the message in hand")
+        self._halt.set()
         self._stop.set()
         self._relay_now.set()
+        self._work.set()
+
+    def reload(self) -> None:
+        """SIGHUP: load rules/ again; a broken set is refused and the old one kept."""
+        problems = self.desk.reload_rules()
+        if problems:
+            log.error("SIGHUP: rules not reloaded: %s", "; ".join(problems))
+        else:
+            log.info("SIGHUP: rules reloaded (%d rules)", len(self.desk.rules))
+
+    def _process_pass(self) -> int:
+        """Maildir intake, then every pending message (IMAP mail comes from the watchers)."""
+        if self.maildir is not None:
+            try:
+                intake.poll_maildir(self.desk, self.maildir, self.clock)
+            except (SourceError, OSError) as exc:
+                log.error("maildir %s: %s", self.maildir.path, exc)
+        return pipeline.process_pending(self.desk, self.clock, stop=self._halt.is_set)
 
     async def _intake_loop(self) -> None:
         interval = self.desk.settings.desk.poll_interval
         while not self._stop.is_set():
+            self._work.clear()  # before the pass: mail stored during it wakes the next one
             try:
-                _, processed, _ = await asyncio.to_thread(self.intake_pass)
+                processed = await asyncio.to_thread(self._process_pass)
             except Exception:  # noqa: BLE001 — the loop must outlive any one failure
                 log.exception("intake pass failed; retrying")
                 processed = 0
@@ -107,16 +142,16 @@ class Daemon:
                 self._relay_now.set()
             if self._stop.is_set():
                 break
-            await _wait(self._stop, interval)
+            await _wait(self._work, interval)
 
     async def _relay_loop(self) -> None:
         while not self._stop.is_set():
+            self._relay_now.clear()
             try:
                 await outbox.relay(self.desk.db, self.desk.settings.smtp, self.clock)
             except Exception:  # noqa: BLE001
                 log.exception("relay pass failed; retrying")
             await _wait(self._relay_now, 5)
-            self._relay_now.clear()
 
     def _scheduler(self) -> AsyncIOScheduler:
         scheduler = AsyncIOScheduler(timezone=self.desk.settings.desk.timezone)
@@ -138,24 +173,52 @@ class Daemon:
         except Exception:  # noqa: BLE001
             log.exception("job %s failed", job.name)
 
+    def _watchers(self, loop: asyncio.AbstractEventLoop) -> list[watcher.MailboxWatcher]:
+        def wake() -> None:
+            loop.call_soon_threadsafe(self._work.set)
+
+        return [
+            watcher.MailboxWatcher(
+                self.desk,
+                source,
+                cfg,
+                self.clock,
+                self._halt,
+                wake,
+                self.owner,
+            )
+            for source, cfg in zip(self.sources, self.mailboxes, strict=True)
+        ]
+
     async def run(self) -> None:
         """Until SIGTERM/SIGINT; SIGHUP reloads rules/."""
         self._stop = asyncio.Event()
         self._relay_now = asyncio.Event()
+        self._work = asyncio.Event()
+        self._halt.clear()
         loop = asyncio.get_running_loop()
         for sig in (signal.SIGTERM, signal.SIGINT):
             loop.add_signal_handler(sig, self.stop)
-        loop.add_signal_handler(signal.SIGHUP, self.desk.reload_rules)
+        loop.add_signal_handler(signal.SIGHUP, self.reload)
+        metrics = exporter.serve(self.desk)
         scheduler = self._scheduler()
         scheduler.start()
         for job in jobs.JOBS:
             if job.catch_up:
                 loop.create_task(self._run_job(job))
-        log.info("mailflow running for %s", self.desk.address)
+        self.watchers = self._watchers(loop)
+        log.info("mailflow running for %s as %s", self.desk.address, self.owner)
         try:
-            await asyncio.gather(self._intake_loop(), self._relay_loop())
+            await asyncio.gather(
+                self._intake_loop(),
+                self._relay_loop(),
+                *(asyncio.to_thread(w.run) for w in self.watchers),
+            )
         finally:
+            self._halt.set()
             scheduler.shutdown(wait=False)
-            if self.imap is not None:
-                self.imap.close()
+            if metrics is not None:
+                metrics.stop()
+            for source in self.sources:
+                source.close()
             log.info("mailflow stopped")

@@ -7,12 +7,19 @@ a re-fetch that the database recognises by ``Fetched.key``.
 
 from __future__ import annotations
 
+import json
+import logging
 import os
+import shlex
 import socket
 import ssl
-from collections.abc import Iterator, Sequence
+import subprocess
+import threading
+import time
+from collections.abc import Callable, Iterator, Sequence
 from contextlib import contextmanager, suppress
 from dataclasses import dataclass, field
+from datetime import datetime
 from pathlib import Path
 
 import imapclient
@@ -21,10 +28,18 @@ from imapclient import exceptions as imap_errors
 from mailflow.errors import MailflowError
 
 SECURITY_MODES = ("none", "starttls", "tls")
+AUTH_MODES = ("password", "xoauth2")
+IDLE_SLICE = 1.0  # seconds between checks of the stop flag while in IDLE
+
+log = logging.getLogger(__name__)
 
 
 class SourceError(MailflowError):
     """The mail source cannot be reached or refused us; the message says what to check."""
+
+
+class LoginRefused(SourceError):
+    """The server refused our credentials: retrying soon will not help (and may lock us out)."""
 
 
 @dataclass(frozen=True)
@@ -52,6 +67,132 @@ class ImapSettings:
     ca_file: str | None = None
     done_flag: str = "$MailflowDone"  # keyword set after the DB commit
     move_to: str | None = None  # folder processed mail is moved to, created if missing
+    auth: str = "password"  # password | xoauth2
+    token: TokenSource | None = field(default=None, repr=False, compare=False)  # for xoauth2
+    client_id: tuple[tuple[str, str], ...] = ()  # RFC 2971 ID fields sent before SELECT
+
+
+@dataclass(frozen=True)
+class Token:
+    """An OAuth2 access token and when it expires (epoch seconds; None when not known)."""
+
+    value: str = field(repr=False)
+    expires_at: float | None = None
+
+
+class TokenSource:
+    """An OAuth2 access token read from a command's output or from a file.
+
+    The output or file holds the bare token, or JSON with ``access_token`` and either
+    ``expires_in`` (seconds) or ``expires_at`` (epoch seconds or ISO 8601). A token whose
+    expiry is known is reused until ``margin`` seconds before it; one without is read again
+    for every login. Something else (the provider's CLI, a cron job) keeps it fresh.
+    """
+
+    def __init__(
+        self,
+        *,
+        command: str | None = None,
+        file: Path | None = None,
+        margin: float = 300.0,
+        clock: Callable[[], float] = time.time,
+        timeout: float = 60.0,
+    ) -> None:
+        if (command is None) == (file is None):
+            raise SourceError("give exactly one of [imap] oauth2_token_command, oauth2_token_file")
+        self.command = command
+        self.file = file
+        self.margin = margin
+        self.clock = clock
+        self.timeout = timeout
+        self._cached: Token | None = None
+        self._lock = threading.Lock()
+
+    @property
+    def origin(self) -> str:
+        return "oauth2_token_command" if self.command else "oauth2_token_file"
+
+    def token(self) -> Token:
+        """A token valid for at least `margin` more seconds, when its expiry is known."""
+        with self._lock:
+            cached = self._cached
+            if cached is not None and not self.stale(cached):
+                return cached
+            self._cached = token = self._read()
+            if self.stale(token) and token.expires_at is not None:
+                log.warning("[imap] %s gave a token expiring within %ss", self.origin, self.margin)
+            return token
+
+    def stale(self, token: Token) -> bool:
+        """True when the token must be read again before the next login."""
+        return token.expires_at is None or self.clock() >= token.expires_at - self.margin
+
+    def invalidate(self) -> None:
+        """Forget the cached token (the server refused it)."""
+        with self._lock:
+            self._cached = None
+
+    def _read(self) -> Token:
+        if self.command:
+            text = self._run(self.command)
+        else:
+            assert self.file is not None
+            try:
+                text = self.file.read_text(encoding="utf-8")
+            except OSError as exc:
+                raise SourceError(
+                    f"cannot read [imap] oauth2_token_file {self.file}: {exc}"
+                ) from exc
+        return self._parse(text)
+
+    def _run(self, command: str) -> str:
+        try:
+            done = subprocess.run(
+                shlex.split(command),
+                capture_output=True,
+                text=True,
+                timeout=self.timeout,
+                check=False,
+            )
+        except (OSError, ValueError, subprocess.TimeoutExpired) as exc:
+            raise SourceError(f"[imap] oauth2_token_command could not run: {exc}") from exc
+        if done.returncode != 0:
+            raise SourceError(
+                f"[imap] oauth2_token_command exited {done.returncode}: "
+                f"{done.stderr.strip()[:300] or 'no message'}"
+            )
+        return done.stdout
+
+    def _parse(self, text: str) -> Token:
+        text = text.strip()
+        if not text.startswith("{"):
+            if not text or any(c.isspace() for c in text):
+                raise SourceError(f"[imap] {self.origin} gave no token (one line expected)")
+            return Token(text)
+        try:
+            data = json.loads(text)
+            value = data["access_token"]
+            expires_at = _expiry(data, self.clock())
+        except (ValueError, KeyError, TypeError) as exc:
+            raise SourceError(
+                f"[imap] {self.origin} gave JSON without a usable access_token/expiry: {exc}"
+            ) from exc
+        if not isinstance(value, str) or not value:
+            raise SourceError(f"[imap] {self.origin} gave an empty access_token")
+        return Token(value, expires_at)
+
+
+def _expiry(data: dict[str, object], now: float) -> float | None:
+    """expires_at (epoch or ISO 8601) or now + expires_in; None when neither is given."""
+    at = data.get("expires_at")
+    if isinstance(at, int | float) and not isinstance(at, bool):
+        return float(at)
+    if isinstance(at, str):
+        return datetime.fromisoformat(at.replace("Z", "+00:00")).timestamp()
+    seconds = data.get("expires_in")
+    if seconds is None:
+        return None
+    return now + float(seconds)  # type: ignore[arg-type]
 
 
 class ImapSource:
@@ -64,8 +205,18 @@ class ImapSource:
             )
         if settings.batch_size < 1:
             raise SourceError("[imap] batch_size must be at least 1")
+        if settings.auth not in AUTH_MODES:
+            raise SourceError(
+                f"[imap] auth = {settings.auth!r} is not one of {', '.join(AUTH_MODES)}"
+            )
+        if settings.auth == "xoauth2" and settings.token is None:
+            raise SourceError(
+                "[imap] auth = 'xoauth2' needs oauth2_token_command or oauth2_token_file"
+            )
         self.settings = settings
         self.uidvalidity: int | None = None
+        self.server_id: dict[str, str] = {}  # what the server answered to ID
+        self.auth_expires_at: float | None = None  # when the token used to log in expires
         self._client: imapclient.IMAPClient | None = None
 
     @property
@@ -77,6 +228,10 @@ class ImapSource:
     @property
     def _where(self) -> str:
         return f"{self.settings.host}:{self.settings.port}"
+
+    @property
+    def connected(self) -> bool:
+        return self._client is not None
 
     def connect(self) -> int:
         """Connect, log in and select the folder; return its UIDVALIDITY."""
@@ -97,12 +252,18 @@ class ImapSource:
             if s.security == "starttls":
                 client.starttls(context)
         with self._errors("LOGIN"):
-            try:
-                client.login(s.username, s.password)
-            except imap_errors.LoginError as exc:
-                raise SourceError(
-                    f"IMAP login failed for {s.username}@{s.host}: check [imap] username/password"
-                ) from exc
+            if s.auth == "xoauth2":
+                self._xoauth2(client)
+            else:
+                try:
+                    client.login(s.username, s.password)
+                except imap_errors.LoginError as exc:
+                    raise LoginRefused(
+                        f"IMAP login failed for {s.username}@{s.host}: "
+                        "check [imap] username/password"
+                    ) from exc
+        if s.client_id:
+            self._send_id(client)
         with self._errors("SELECT"):
             if s.move_to and not client.folder_exists(s.move_to):
                 client.create_folder(s.move_to)
@@ -116,6 +277,90 @@ class ImapSource:
             raise SourceError(f"IMAP server {self._where} sent no UIDVALIDITY for {s.folder!r}")
         self.uidvalidity = int(info[b"UIDVALIDITY"])
         return self.uidvalidity
+
+    def _xoauth2(self, client: imapclient.IMAPClient) -> None:
+        """AUTHENTICATE XOAUTH2; a refused cached token is read again and tried once more."""
+        s = self.settings
+        assert s.token is not None
+        token = s.token.token()
+        for attempt in (1, 2):
+            try:
+                client.oauth2_login(s.username, token.value)
+            except imap_errors.LoginError as exc:
+                if attempt == 1:
+                    s.token.invalidate()
+                    fresh = s.token.token()
+                    if fresh.value != token.value:
+                        token = fresh
+                        continue
+                raise LoginRefused(
+                    f"IMAP XOAUTH2 login refused for {s.username}@{s.host}: the token from "
+                    f"[imap] {s.token.origin} was not accepted ({exc})"
+                ) from exc
+            self.auth_expires_at = token.expires_at
+            return
+
+    def _send_id(self, client: imapclient.IMAPClient) -> None:
+        """RFC 2971 ID before SELECT (Coremail/NetEase refuse SELECT without it)."""
+        if not client.has_capability("ID"):
+            log.info("IMAP server %s does not offer ID; not sent", self._where)
+            return
+        with self._errors("ID"):
+            answer = client.id_(dict(self.settings.client_id))
+        self.server_id = _id_fields(answer)
+
+    @property
+    def supports_idle(self) -> bool:
+        return self._client is not None and bool(self._client.has_capability("IDLE"))
+
+    def wait_for_mail(
+        self,
+        timeout: float,
+        stop: threading.Event | None = None,
+        tick: Callable[[], bool] | None = None,
+    ) -> bool:
+        """IDLE (RFC 2177) until the server announces mail; True when it did.
+
+        Returns False when `timeout` passes (renew IDLE before servers cut it at 30 min),
+        when `stop` is set, or when `tick` (called about once a second) returns False.
+        Raises SourceError when the connection dies or the server says BYE.
+        """
+        client = self._connected()
+        deadline = time.monotonic() + timeout
+        with self._errors("IDLE"):
+            client.idle()
+            try:
+                arrived = self._idle_until(client, deadline, stop, tick)
+            except BaseException:
+                self.close()
+                raise
+            client.idle_done()
+        return arrived
+
+    def _idle_until(
+        self,
+        client: imapclient.IMAPClient,
+        deadline: float,
+        stop: threading.Event | None,
+        tick: Callable[[], bool] | None,
+    ) -> bool:
+        while True:
+            remaining = deadline - time.monotonic()
+            if remaining <= 0 or (stop is not None and stop.is_set()):
+                return False
+            if tick is not None and not tick():
+                return False
+            wait = min(IDLE_SLICE, remaining)
+            started = time.monotonic()
+            responses = client.idle_check(timeout=wait)
+            if any(b"BYE" in _words(r) for r in responses):
+                raise SourceError(f"IMAP server {self._where} ended the session during IDLE")
+            if any(_words(r) & {b"EXISTS", b"RECENT"} for r in responses):
+                return True
+            if not responses and time.monotonic() - started < wait / 2:
+                # Woken with nothing to read: often EOF. Leaving IDLE tells (DONE fails on a
+                # dead connection); on a live one the caller just polls once more.
+                return False
 
     def uids_after(self, uid: int) -> list[int]:
         """UIDs greater than uid in ascending order, whatever their flags."""
@@ -239,6 +484,22 @@ class ImapSource:
             ) from exc
         except imap_errors.IMAPClientError as exc:
             raise SourceError(f"IMAP {action} failed on {where}: {exc}") from exc
+
+
+def _words(response: object) -> set[bytes]:
+    """The bytes atoms of one parsed untagged response, e.g. {b'EXISTS'} for (3, b'EXISTS')."""
+    items = response if isinstance(response, tuple) else (response,)
+    return {item.upper() for item in items if isinstance(item, bytes)}
+
+
+def _id_fields(answer: object) -> dict[str, str]:
+    """ID's answer (a flat tuple of name, value, … or None) as a dict."""
+    flat: list[object] = []
+    if isinstance(answer, tuple | list):
+        for item in answer:
+            flat.extend(item if isinstance(item, tuple | list) else [item])
+    text = [v.decode("utf-8", "replace") if isinstance(v, bytes) else str(v) for v in flat]
+    return dict(zip(text[0::2], text[1::2], strict=False))
 
 
 class MaildirSource:

@@ -10,11 +10,15 @@ from __future__ import annotations
 import hashlib
 import logging
 from collections.abc import Callable
-from datetime import datetime
+from datetime import datetime, timedelta
 from itertools import islice
+from pathlib import Path
 
+from mailflow import leases, logs
+from mailflow.config import ImapConfig
 from mailflow.desk import Desk
-from mailflow.fetch import Fetched, ImapSettings, ImapSource, MaildirSource
+from mailflow.fetch import Fetched, ImapSettings, ImapSource, MaildirSource, TokenSource
+from mailflow.mailboxes import mailbox_config
 from mailflow.models import MailboxState
 from mailflow.pipeline import message_id_of, store
 
@@ -22,9 +26,31 @@ log = logging.getLogger(__name__)
 
 
 def imap_source(desk: Desk) -> ImapSource | None:
-    cfg = desk.settings.imap
-    if not cfg.enabled:
-        return None
+    """The [imap] mailbox (the first one), or None when there is none."""
+    sources = imap_sources(desk)
+    return sources[0] if sources else None
+
+
+def imap_mailboxes(desk: Desk) -> list[ImapConfig]:
+    """Every configured IMAP mailbox: [imap], then each [[mailboxes]] entry."""
+    if desk.settings.mailboxes:
+        return list(desk.settings.mailboxes)
+    return [desk.settings.imap] if desk.settings.imap.enabled else []
+
+
+def imap_sources(desk: Desk) -> list[ImapSource]:
+    """One source per configured mailbox, in imap_mailboxes() order."""
+    return [source_for(cfg) for cfg in imap_mailboxes(desk)]
+
+
+def source_for(cfg: ImapConfig) -> ImapSource:
+    token = None
+    if cfg.auth == "xoauth2":
+        token = TokenSource(
+            command=cfg.oauth2_token_command or None,
+            file=Path(cfg.oauth2_token_file) if cfg.oauth2_token_file else None,
+            margin=cfg.oauth2_refresh_margin,
+        )
     return ImapSource(
         ImapSettings(
             host=cfg.host,
@@ -39,6 +65,9 @@ def imap_source(desk: Desk) -> ImapSource | None:
             ca_file=cfg.ca_file,
             done_flag=cfg.done_flag,
             move_to=cfg.move_to,
+            auth=cfg.auth,
+            token=token,
+            client_id=cfg.client_id,
         )
     )
 
@@ -47,21 +76,42 @@ def _store_batch(desk: Desk, mailbox: str, batch: list[Fetched], now: datetime) 
     with desk.db.transaction() as session:
         state = session.get(MailboxState, mailbox)
         for fetched in batch:
-            store(session, mailbox, fetched.key, fetched.uid, fetched.raw, now)
+            with logs.context(msg_id=message_id_of(fetched.raw)):
+                row = store(session, mailbox, fetched.key, fetched.uid, fetched.raw, now)
+                log.debug("stored %s as %s", fetched.key, f"#{row.id}" if row else "a repeat")
         if state is not None and batch and batch[-1].uid is not None:
             state.last_uid = max(state.last_uid, max(f.uid or 0 for f in batch))
             state.last_poll_at = now
 
 
-def poll_imap(desk: Desk, source: ImapSource, clock: Callable[[], datetime]) -> int:
-    """Store every message after the last stored UID; returns how many were fetched."""
-    uidvalidity = source.connect()
+def lease_ttl(desk: Desk, source: ImapSource) -> timedelta:
+    cfg = mailbox_config(desk, source.name)
+    return timedelta(seconds=cfg.lease_ttl if cfg else 60.0)
+
+
+def poll_imap(
+    desk: Desk, source: ImapSource, clock: Callable[[], datetime], owner: str | None = None
+) -> int:
+    """Store every message after the last stored UID; returns how many were fetched.
+
+    Takes (or renews) the mailbox lease first: when another daemon holds it, nothing is
+    fetched. An open connection is reused (the IDLE loop keeps one); else one is opened.
+    """
     mailbox = source.name
+    owner = owner or leases.process_owner()
+    if not leases.acquire(desk.db, mailbox, owner, clock(), lease_ttl(desk, source)):
+        log.debug("%s: polled by %s; skipped", mailbox, leases.holder(desk.db, mailbox, clock()))
+        source.close()
+        return 0
+    uidvalidity = source.uidvalidity if source.connected else source.connect()
+    assert uidvalidity is not None
     with desk.db.transaction() as session:
         state = session.get(MailboxState, mailbox)
         if state is None:
             state = MailboxState(name=mailbox, uidvalidity=uidvalidity, last_uid=0)
             session.add(state)
+        elif state.uidvalidity is None:
+            state.uidvalidity = uidvalidity
         elif state.uidvalidity != uidvalidity:
             # The server renumbered the folder: read it again; Message-IDs stop duplicates.
             log.warning("%s: UIDVALIDITY changed %s → %s", mailbox, state.uidvalidity, uidvalidity)
@@ -70,7 +120,7 @@ def poll_imap(desk: Desk, source: ImapSource, clock: Callable[[], datetime]) -> 
     uids = source.uids_after(last_uid)
     fetched = source.fetch(uids)
     count = 0
-    while batch := list(islice(fetched, desk.settings.imap.batch_size)):
+    while batch := list(islice(fetched, source.settings.batch_size)):
         _store_batch(desk, mailbox, batch, clock())
         source.mark_done([f.uid for f in batch if f.uid is not None])
         count += len(batch)

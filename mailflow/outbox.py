@@ -15,7 +15,7 @@ from dataclasses import dataclass
 from datetime import datetime, timedelta
 
 import aiosmtplib
-from sqlalchemy import select
+from sqlalchemy import select, update
 
 from mailflow.config import SmtpConfig
 from mailflow.db import Database
@@ -93,13 +93,38 @@ def _finish(
         return row.state
 
 
-def _claim(db: Database, row_id: int) -> Outbox | None:
-    """The row if it is still queued (another relay may have sent it meanwhile)."""
+CLAIM_FOR = timedelta(minutes=10)  # a claimed row is due again after this (relay died)
+
+
+def _claim(db: Database, row_id: int, now: datetime) -> Outbox | None:
+    """The row if it is still due, claimed for this relay; None when another has it.
+
+    The claim moves `next_attempt_at` past the send, in one conditional UPDATE (on
+    PostgreSQL after FOR UPDATE SKIP LOCKED), so a second relay — in this daemon or another
+    — finds the row not due and passes over it. `_finish` then records the outcome.
+    """
     with db.transaction() as session:
-        query = select(Outbox).where(Outbox.id == row_id, Outbox.state == "queued")
+        query = select(Outbox).where(
+            Outbox.id == row_id, Outbox.state == "queued", Outbox.next_attempt_at <= now
+        )
         if db.is_postgres:
             query = query.with_for_update(skip_locked=True)
-        return session.scalar(query)
+        else:  # SQLite: the conditional UPDATE first takes the write lock
+            claimed = session.execute(
+                update(Outbox)
+                .where(
+                    Outbox.id == row_id, Outbox.state == "queued", Outbox.next_attempt_at <= now
+                )
+                .values(next_attempt_at=now + CLAIM_FOR)
+                .execution_options(synchronize_session=False)
+            )
+            if not claimed.rowcount:  # type: ignore[attr-defined]
+                return None
+            return session.get(Outbox, row_id)
+        row = session.scalar(query)
+        if row is not None:
+            row.next_attempt_at = now + CLAIM_FOR
+        return row
 
 
 async def relay(db: Database, cfg: SmtpConfig, clock: Callable[[], datetime]) -> RelayResult:
@@ -121,7 +146,7 @@ async def relay(db: Database, cfg: SmtpConfig, clock: Callable[[], datetime]) ->
             return result
         try:
             for row_id in ids:
-                row = _claim(db, row_id)
+                row = _claim(db, row_id, clock())
                 if row is None:
                     continue
                 error, permanent = None, False

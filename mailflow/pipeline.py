@@ -11,17 +11,19 @@ from __future__ import annotations
 import hashlib
 import logging
 import re
+import time
 from collections.abc import Callable
 from dataclasses import dataclass
 from datetime import datetime, timedelta
 
-from sqlalchemy import select
-from sqlalchemy.exc import SQLAlchemyError
+from sqlalchemy import select, update
+from sqlalchemy.exc import IntegrityError, SQLAlchemyError
 from sqlalchemy.orm import Session
 
-from mailflow import approvals, incidents, requests, tracking
+from mailflow import approvals, exporter, incidents, logs, requests, tracking
 from mailflow.desk import Desk
 from mailflow.mail import ParsedMail, parse
+from mailflow.mailboxes import with_mailbox_defaults
 from mailflow.models import Inbound, Ticket
 from mailflow.tickets import open_ticket, record
 
@@ -120,6 +122,7 @@ def handle(session: Session, desk: Desk, inbound: Inbound, now: datetime) -> Out
         parent = None
     if ticket is None:
         found = desk.rules.classify(mail.subject, mail.text, mail.from_addr)
+        found = with_mailbox_defaults(desk, inbound.mailbox, found)
         ticket = open_ticket(session, desk, mail, inbound, found, now)
         if parent is not None:
             ticket.parent_id = parent.id
@@ -143,32 +146,81 @@ def _closed_too_long(desk: Desk, ticket: Ticket, now: datetime) -> bool:
     )
 
 
+def _claim(session: Session, desk: Desk, inbound_id: int) -> Inbound | None:
+    """Lock the row for this transaction so no other daemon processes it too.
+
+    PostgreSQL: FOR UPDATE SKIP LOCKED — a row another daemon is working on is passed over
+    (None). SQLite: a first write takes the database's write lock (waiting its turn), so
+    the state read next is the latest committed one.
+    """
+    if desk.db.is_postgres:
+        return session.scalar(
+            select(Inbound).where(Inbound.id == inbound_id).with_for_update(skip_locked=True)
+        )
+    session.execute(
+        update(Inbound)
+        .where(Inbound.id == inbound_id)
+        .values(attempts=Inbound.attempts)
+        .execution_options(synchronize_session=False)
+    )
+    return session.get(Inbound, inbound_id)
+
+
 def process_one(desk: Desk, inbound_id: int, now: datetime) -> Outcome:
     """Process one row in its own transaction; on failure quarantine it with the error."""
+    started = time.perf_counter()
+    with logs.context(msg_id=None, ticket=None, inbound=inbound_id):
+        outcome = _process_one(desk, inbound_id, now)
+        if outcome.state == "conflict":  # the other transaction has committed: try again
+            outcome = _process_one(desk, inbound_id, now, last_try=True)
+        if outcome.state in ("processed", "ignored", "quarantined"):
+            exporter.observe(outcome.state, time.perf_counter() - started)
+            log.info("%s%s", outcome.state, f": {outcome.reason}" if outcome.reason else "")
+    return outcome
+
+
+def _process_one(desk: Desk, inbound_id: int, now: datetime, last_try: bool = False) -> Outcome:
     db = desk.db
     try:
         with db.transaction() as session:
-            inbound = session.get(Inbound, inbound_id, with_for_update=db.is_postgres)
-            if inbound is None or inbound.state not in ("pending", "quarantined"):
-                return Outcome(inbound.state if inbound else "missing")
+            inbound = _claim(session, desk, inbound_id)
+            if inbound is None:  # PostgreSQL: another daemon holds it
+                return Outcome("busy" if db.is_postgres else "missing")
+            logs.bind(msg_id=inbound.message_id)
+            if inbound.state not in ("pending", "quarantined"):
+                return Outcome(inbound.state)
             with session.no_autoflush:  # one flush at commit, not one per query (3× faster)
                 outcome = handle(session, desk, inbound, now)
+            if outcome.ticket is not None:
+                logs.bind(ticket=outcome.ticket.ref)
             inbound.state, inbound.reason = outcome.state, outcome.reason
             inbound.processed_at = now
             inbound.attempts += 1
+    except IntegrityError as exc:
+        if not last_try:
+            # A concurrent daemon inserted the same row first (e.g. a new requester's
+            # details): rolled back; processed again at once against the committed data.
+            log.warning("conflict with a concurrent transaction, trying again: %s", exc.orig)
+            return Outcome("conflict", str(exc.orig)[:200])
+        return _quarantine(desk, inbound_id, now, exc)
     except SQLAlchemyError:
         raise  # the database itself failed: the row stays as it was, retried later
     except Exception as exc:  # noqa: BLE001 — a poison message must not stop the others
-        log.exception("inbound #%s quarantined", inbound_id)
-        with db.transaction() as session:
-            inbound = session.get(Inbound, inbound_id)
-            assert inbound is not None
-            inbound.attempts += 1
-            inbound.state = "quarantined"
-            inbound.reason = f"{type(exc).__name__}: {exc}"[:2000]
-            inbound.next_attempt_at = now + timedelta(minutes=5 * 2**inbound.attempts)
-        return Outcome("quarantined", inbound.reason)
+        return _quarantine(desk, inbound_id, now, exc)
     return outcome
+
+
+def _quarantine(desk: Desk, inbound_id: int, now: datetime, exc: Exception) -> Outcome:
+    """Record the failure on the row; retried later with backoff, visible in the CLI."""
+    log.error("inbound #%s quarantined", inbound_id, exc_info=exc)
+    with desk.db.transaction() as session:
+        inbound = session.get(Inbound, inbound_id)
+        assert inbound is not None
+        inbound.attempts += 1
+        inbound.state = "quarantined"
+        inbound.reason = f"{type(exc).__name__}: {exc}"[:2000]
+        inbound.next_attempt_at = now + timedelta(minutes=5 * 2**inbound.attempts)
+    return Outcome("quarantined", inbound.reason)
 
 
 def pending_ids(session: Session, now: datetime, limit: int = 500) -> list[int]:
@@ -191,8 +243,14 @@ def pending_ids(session: Session, now: datetime, limit: int = 500) -> list[int]:
     return ids
 
 
-def process_pending(desk: Desk, clock: Callable[[], datetime]) -> int:
-    """Process everything pending; returns how many rows were handled."""
+def process_pending(
+    desk: Desk, clock: Callable[[], datetime], stop: Callable[[], bool] | None = None
+) -> int:
+    """Process everything pending; returns how many rows were handled.
+
+    `stop` is asked between messages (a daemon shutting down finishes the one in hand).
+    Rows another daemon holds or has done meanwhile are passed over and not counted.
+    """
     done = 0
     while True:
         with desk.db.sessions() as session:
@@ -200,7 +258,9 @@ def process_pending(desk: Desk, clock: Callable[[], datetime]) -> int:
         if not ids:
             return done
         for inbound_id in ids:
-            process_one(desk, inbound_id, clock())
-            done += 1
+            if stop is not None and stop():
+                return done
+            outcome = process_one(desk, inbound_id, clock())
+            done += outcome.state in ("processed", "ignored", "quarantined")
         if len(ids) < 500:
             return done

@@ -49,6 +49,20 @@ def smtp() -> Iterator[SmtpSink]:
     sink.stop()
 
 
+# -- the database: SQLite, or a fresh PostgreSQL schema per test (tests/databases.py) ---
+
+
+@pytest.fixture(autouse=True)
+def _fresh_database() -> Iterator[None]:
+    """Drop the PostgreSQL schemas a test's desks used (no-op on SQLite)."""
+    import databases
+
+    yield
+    stuck = databases.drop_created()
+    if stuck:
+        pytest.fail(f"could not drop test schema(s) {', '.join(stuck)}", pytrace=False)
+
+
 # -- desks on the test servers (tests/support.py) -----------------------------------------
 
 

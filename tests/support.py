@@ -11,6 +11,8 @@ from email.utils import format_datetime, make_msgid
 from pathlib import Path
 from typing import Any
 
+import databases
+
 from mailflow.config import load_config
 from mailflow.daemon import Daemon
 from mailflow.desk import Desk
@@ -65,7 +67,7 @@ def desk_config(
     sections: dict[str, dict[str, Any]] = {
         "desk": {"address": DESK, "name": "IT服务台", "language": "zh-CN",
                  "timezone": "Asia/Shanghai", "secret": "test-secret", "poll_interval": 0.2},
-        "database": {"url": database_url or f"sqlite:///{tmp / 'mailflow.db'}"},
+        "database": {"url": database_url or databases.url_for(tmp)},
         "roles": {**ROLES, "approvers": {"default": ["approver@example.test"]},
                   "executors": {"default": ["exec@example.test"]}},
         "paths": {"rules": str(REPO / "rules"), "templates": str(REPO / "templates")},
