@@ -284,10 +284,11 @@ def _dispatch(session: Session, desk: Desk, ticket: Ticket, now: datetime) -> No
     executors = desk.settings.roles.executors_for(ticket.request_type)
     record(session, ticket, "dispatched", "mailflow", now, ", ".join(executors),
            executors=list(executors))
+    decided = _decided(session, ticket)
     notify.queue(session, desk, "request_to_executor", executors, now, ticket=ticket,
-                 form=ticket.form or {}, labels=forms.LABELS, decided=_decided(session, ticket))
+                 form=ticket.form or {}, labels=forms.LABELS, decided=decided)
     notify.queue(session, desk, "request_approved", [ticket.requester], now, ticket=ticket,
-                 decided=_decided(session, ticket))
+                 decided=decided)
 
 
 def _to_tell(session: Session, desk: Desk, ticket: Ticket, verdict: approvals.Verdict,
