@@ -116,7 +116,7 @@ def handle(session: Session, desk: Desk, inbound: Inbound, now: datetime) -> Out
         session, mail.subject, mail.in_reply_to, mail.references
     ) or approvals.ticket_by_token(session, mail, desk.address)
     process = incidents if ticket is None or ticket.kind == "incident" else requests
-    if ticket is not None and _closed_too_long(desk, ticket, now):
+    if ticket is not None and _closed_too_long(desk, ticket, mail.from_addr, now):
         parent, ticket = ticket, None
     else:
         parent = None
@@ -136,10 +136,14 @@ def handle(session: Session, desk: Desk, inbound: Inbound, now: datetime) -> Out
     return Outcome("processed", None, ticket)
 
 
-def _closed_too_long(desk: Desk, ticket: Ticket, now: datetime) -> bool:
-    """A reply to an incident closed longer than the grace period opens a new one."""
+def _closed_too_long(desk: Desk, ticket: Ticket, sender: str, now: datetime) -> bool:
+    """A user's reply to an incident closed longer than the grace period opens a new one.
+
+    Staff replying to an old incident add to its record instead of opening one in their name.
+    """
     return (
         ticket.kind == "incident"
+        and not desk.settings.roles.of(sender)
         and ticket.status == "closed"
         and ticket.closed_at is not None
         and now - ticket.closed_at > desk.settings.incident.reopen_grace
