@@ -218,6 +218,8 @@ class LimitSettings:
     bounce_suppress: timedelta = timedelta(days=7)
     allow: tuple[str, ...] = ()
     deny: tuple[str, ...] = ()
+    # A sender who writes again this soon after we mailed them gets no automatic reply.
+    loop_window: timedelta = timedelta(minutes=5)
 
 
 @dataclass(frozen=True)
@@ -394,6 +396,19 @@ def _names(r: _Reader, key: str, value: Any) -> tuple[str, ...] | None:
         r.problem(key, f"must be a list of names, got {value!r}")
         return None
     return tuple(v.strip() for v in value)
+
+
+def _senders(r: _Reader, key: str) -> tuple[str, ...]:
+    """[limits] allow/deny: addresses and @domains, lowercased."""
+    value = r.get("limits", key, list, [])
+    out = []
+    for item in value:
+        entry = item.strip().lower() if isinstance(item, str) else ""
+        if not (_EMAIL.match(entry) or re.fullmatch(r"@[^@\s<>]+\.[^@\s<>]+", entry)):
+            r.problem(f"limits.{key}", f"{item!r} is not an address or an @domain")
+            continue
+        out.append(entry)
+    return tuple(out)
 
 
 def _seconds(value: Any) -> float:
@@ -684,9 +699,16 @@ def _read(path: Path) -> tuple[Settings | None, list[Problem]]:
             "limits", "auto_replies_per_ticket_per_hour", int, 10
         ),
         bounce_suppress=r.parsed("limits", "bounce_suppress", timedelta(days=7), _duration),
-        allow=tuple(x.lower() for x in r.get("limits", "allow", list, [])),
-        deny=tuple(x.lower() for x in r.get("limits", "deny", list, [])),
+        allow=_senders(r, "allow"),
+        deny=_senders(r, "deny"),
+        loop_window=r.parsed("limits", "loop_window", timedelta(minutes=5), _duration),
     )
+    for key in ("max_message_bytes", "max_attachment_bytes", "max_attachments"):
+        if getattr(limits, key) < 1:
+            r.problem(f"limits.{key}", f"must be at least 1, got {getattr(limits, key)}")
+    for key in ("auto_replies_per_sender_per_hour", "auto_replies_per_ticket_per_hour"):
+        if getattr(limits, key) < 0:
+            r.problem(f"limits.{key}", "must be 0 (no automatic replies) or more")
 
     rules_dir = base / "rules" if (base / "rules").is_dir() else PACKAGE_DEFAULTS / "rules"
     rules_dir = _path(base, r.get("paths", "rules", str, str(rules_dir)))

@@ -22,7 +22,7 @@ from datetime import datetime
 
 from apscheduler.schedulers.asyncio import AsyncIOScheduler
 
-from mailflow import exporter, intake, jobs, leases, outbox, pipeline, watcher
+from mailflow import exporter, guard, intake, jobs, leases, outbox, pipeline, watcher
 from mailflow.desk import Desk
 from mailflow.fetch import MaildirSource, SourceError
 from mailflow.models import MailboxState, utcnow
@@ -55,6 +55,7 @@ class Daemon:
         self.imap = self.sources[0] if self.sources else None  # the [imap] mailbox
         maildir = desk.settings.maildir
         self.maildir = MaildirSource(maildir) if maildir else None
+        self.backoffs: dict[str, guard.SourceBackoff] = {}  # per failing mail source
         self.owner = leases.process_owner()
         self._stop = asyncio.Event()
         self._relay_now = asyncio.Event()
@@ -67,13 +68,18 @@ class Daemon:
         """Fetch from every source; a failing source is logged and recorded, not fatal."""
         fetched, errors = 0, []
         for source in self.sources:
+            backoff = self.backoffs.setdefault(source.name, guard.SourceBackoff(source.name))
+            if not backoff.due(self.clock()):
+                continue  # failed lately: waiting 1, 2, 4 … 30 min before the next login
             try:
                 fetched += intake.poll_imap(self.desk, source, self.clock, self.owner)
+                backoff.succeeded(self.desk)
             except SourceError as exc:
                 errors.append(str(exc))
                 log.error("%s", exc)
                 self._record_error(source.name, str(exc))
                 source.close()
+                backoff.failed(self.desk, exc, self.clock())
         if self.maildir is not None:
             try:
                 fetched += intake.poll_maildir(self.desk, self.maildir, self.clock)

@@ -5,15 +5,17 @@ No globals: the daemon, the CLI and the tests each build a Desk and pass it (and
 
 from __future__ import annotations
 
+import dataclasses
 import logging
 from datetime import datetime, timedelta
 
+import jinja2
 from sqlalchemy.orm import Session
 
-from mailflow import sla
-from mailflow.config import Settings, SlaTarget
+from mailflow import guard, sla
+from mailflow.config import Settings, SlaTarget, load_config
 from mailflow.db import Database
-from mailflow.errors import RuleError
+from mailflow.errors import ConfigError, RuleError
 from mailflow.render import Renderer
 from mailflow.rules import RuleSet, load_rules, load_rules_lenient
 
@@ -27,11 +29,7 @@ class Desk:
         self.settings = settings
         self.db = db or Database(settings.database_url)
         self.renderer = Renderer(settings.templates_dir, settings.desk.language, settings.desk.tz)
-        tz, hours = settings.desk.tz, sla.parse_hours(list(settings.sla.hours))
-        self._calendars = {
-            "24x7": sla.Calendar(tz, None, settings.sla.holidays),
-            "business": sla.Calendar(tz, hours, settings.sla.holidays),
-        }
+        self._calendars = _calendars(settings)
         self.rules, problems = load_rules_lenient(settings.rules_dir)
         for problem in problems:
             log.error("rule problem, file skipped: %s", problem)
@@ -47,6 +45,25 @@ class Desk:
         except RuleError as exc:
             log.error("rules not reloaded, keeping the last good set: %s", exc)
             return [str(exc)]
+        return []
+
+    def reload_config(self) -> list[str]:
+        """Read config.toml, rules/ and templates again; on any problem keep all that runs.
+
+        Returns the problems, each naming its file and key. The database and the mail
+        sources stay as started (changing them needs a restart).
+        """
+        try:
+            settings = load_config(self.settings.path)
+            rules = load_rules(settings.rules_dir)
+            language, tz = settings.desk.language, settings.desk.tz
+            renderer = Renderer(settings.templates_dir, language, tz)
+        except (ConfigError, RuleError, jinja2.TemplateError, OSError) as exc:
+            log.error("configuration not reloaded, keeping the last good one: %s", exc)
+            return [str(exc)]
+        self.settings = dataclasses.replace(settings, database_url=self.settings.database_url)
+        self.renderer, self.rules, self._calendars = renderer, rules, _calendars(settings)
+        log.info("configuration reloaded from %s", settings.path)
         return []
 
     def set_rules(self, rules: RuleSet) -> None:
@@ -72,8 +89,16 @@ class Desk:
         return sla.due_at(self.calendar(priority), start, target)
 
     def may_mail(self, session: Session, address: str, now: datetime) -> bool:
-        """Whether mail to this address may be queued (suppression hooks in here)."""
-        return True
+        """Whether mail to this address may be queued: not suppressed, no loop, within caps."""
+        return guard.may_mail(session, self, address, now)
 
     def close(self) -> None:
         self.db.close()
+
+
+def _calendars(settings: Settings) -> dict[str, sla.Calendar]:
+    tz, hours = settings.desk.tz, sla.parse_hours(list(settings.sla.hours))
+    return {
+        "24x7": sla.Calendar(tz, None, settings.sla.holidays),
+        "business": sla.Calendar(tz, hours, settings.sla.holidays),
+    }

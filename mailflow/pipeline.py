@@ -20,9 +20,9 @@ from sqlalchemy import select, update
 from sqlalchemy.exc import IntegrityError, SQLAlchemyError
 from sqlalchemy.orm import Session
 
-from mailflow import approvals, exporter, incidents, logs, requests, tracking
+from mailflow import approvals, exporter, guard, incidents, logs, requests, tracking
 from mailflow.desk import Desk
-from mailflow.mail import ParsedMail, parse
+from mailflow.mail import ParsedMail
 from mailflow.mailboxes import with_mailbox_defaults
 from mailflow.models import Inbound, Ticket
 from mailflow.tickets import open_ticket, record
@@ -91,6 +91,9 @@ def _automatic(desk: Desk, mail: ParsedMail) -> str | None:
         return mail.auto
     if mail.from_addr == desk.address:
         return "sent from the desk's own address"
+    claim = guard.claims_desk(desk, mail)
+    if claim:
+        return f"not trusted: {claim}"
     if not mail.from_addr:
         return "no sender address"
     return None
@@ -98,12 +101,7 @@ def _automatic(desk: Desk, mail: ParsedMail) -> str | None:
 
 def handle(session: Session, desk: Desk, inbound: Inbound, now: datetime) -> Outcome:
     """Process one stored message inside the caller's transaction."""
-    limits = desk.settings.limits
-    mail = parse(
-        inbound.raw,
-        max_attachment_bytes=limits.max_attachment_bytes,
-        max_attachments=limits.max_attachments,
-    )
+    mail = guard.parse_limited(inbound.raw, desk.settings.limits)
     inbound.from_addr = mail.from_addr[:320]
     inbound.to_addrs = ", ".join(mail.to + mail.cc)
     inbound.subject = mail.subject
@@ -111,7 +109,12 @@ def handle(session: Session, desk: Desk, inbound: Inbound, now: datetime) -> Out
     inbound.sent_at = mail.date
     automatic = _automatic(desk, mail)
     if automatic:
-        return Outcome("ignored", f"automatic mail: {automatic}")
+        report = guard.delivery_report(session, desk, inbound, now) if mail.auto else None
+        return Outcome("ignored", report or f"automatic mail: {automatic}")
+    refused = guard.refused_sender(desk, mail)
+    if refused:
+        return Outcome("ignored", refused)
+    guard.begin(session, mail, inbound, now)
     ticket = tracking.find_ticket(
         session, mail.subject, mail.in_reply_to, mail.references
     ) or approvals.ticket_by_token(session, mail, desk.address)
@@ -128,11 +131,14 @@ def handle(session: Session, desk: Desk, inbound: Inbound, now: datetime) -> Out
             ticket.parent_id = parent.id
             record(session, ticket, "linked", "mailflow", now, f"follows closed {parent.ref}")
         process = incidents if ticket.kind == "incident" else requests
+        guard.on_ticket(session, desk, ticket, mail, inbound, now, new=True)
         process.on_new(session, desk, ticket, mail, inbound, now)
     else:
         inbound.ticket_id = ticket.id
         tracking.remember(session, ticket, mail.message_id)
+        guard.on_ticket(session, desk, ticket, mail, inbound, now, new=False)
         process.on_reply(session, desk, ticket, mail, inbound, now)
+    guard.end(session)
     return Outcome("processed", None, ticket)
 
 
