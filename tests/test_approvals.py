@@ -442,3 +442,23 @@ def test_expiry_is_checked_against_the_passed_in_clock(tmp_path):
             assert issued.token not in issued.approval.token_hash
     finally:
         desk.close()
+
+
+def test_two_deciders_racing_for_one_token_only_one_wins(desk, mailbox, smtp, clock):
+    """The token is spent by a conditional update: a second claim, even by a daemon that
+    read the row before the first committed, changes nothing."""
+    from mailflow import requests
+    from mailflow.commands import Command
+
+    request(mailbox, desk, smtp, clock)
+    approve, reject = Command("approve", "", "同意"), Command("reject", "no", "驳回 no")
+    with desk.db.sessions() as late:
+        stale = late.query(Approval).one()  # read before the other decision commits
+        assert stale.decision is None
+        with desk.db.transaction() as first:
+            assert requests._claim(first, first.get(Approval, stale.id), approve, clock())
+        assert not requests._claim(late, stale, reject, clock())
+        late.commit()
+    with desk.db.sessions() as session:
+        row = session.query(Approval).one()
+        assert (row.decision, row.reason) == ("approve", None)
