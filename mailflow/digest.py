@@ -234,8 +234,11 @@ def snapshot(desk: Desk, now: datetime) -> Snapshot:
     """Read the day's digest data once, for everybody."""
     day = now.astimezone(desk.settings.desk.tz).date()
     warn_at = desk.settings.sla.warn_at
+    month_start, _ = report.window(
+        (day - timedelta(days=1)).replace(day=1), day, desk.settings.desk.tz
+    )
     with desk.db.sessions() as session:
-        facts = metrics.load(session, desk, now)
+        facts = metrics.load(session, desk, now, since=month_start)
         approvals = _approvals(session, desk, now)
     open_ = [f for f in facts if f.is_open]
     snap = Snapshot(

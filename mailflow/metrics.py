@@ -15,10 +15,10 @@ import math
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass, field
 from datetime import datetime, timedelta
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any
 
-from sqlalchemy import select
-from sqlalchemy.orm import Session, selectinload
+from sqlalchemy import or_, select
+from sqlalchemy.orm import Session
 
 from mailflow import sla
 from mailflow.models import Event, Ticket
@@ -66,9 +66,29 @@ class Facts:
     escalations: list[datetime] = field(default_factory=list)
     handoffs: list[datetime] = field(default_factory=list)
     deadline: datetime | None = None  # None while the clock stands still before it
-    used: float = 0.0  # share of the resolution target used (at resolution, or by now)
     resolve_seconds: float | None = None
     respond_seconds: float | None = None
+    open_pause: datetime | None = None  # since when the clock stands still, if it does now
+    calendar: sla.Calendar | None = field(default=None, repr=False)
+    now: datetime | None = field(default=None, repr=False)
+    _used: float | None = field(default=None, repr=False)
+
+    @property
+    def used(self) -> float:
+        """Share of the resolution target used: at the resolution, or by now (computed on
+        first use — only the digest needs it for unresolved incidents)."""
+        if self._used is None:
+            if self.resolve_seconds is not None:
+                seconds = self.resolve_seconds
+            else:
+                assert self.calendar is not None and self.now is not None
+                pauses = list(self.pauses)
+                if self.open_pause is not None:
+                    pauses.append((self.open_pause, None))
+                end = max(self.now, self.created_at)
+                seconds = sla.elapsed(self.calendar, self.created_at, end, pauses)
+            self._used = seconds / self.target.total_seconds()
+        return self._used
 
     @property
     def within_target(self) -> bool:
@@ -103,11 +123,23 @@ class Facts:
         return "at_risk" if self.used >= warn_at else "ok"
 
 
-def status_changes(ticket: Ticket) -> list[tuple[datetime, str]]:
-    """(when, new status) from the events, starting with `open` at creation."""
+@dataclass(frozen=True)
+class EventRow:
+    """The part of an event the facts need."""
+
+    at: datetime
+    id: int
+    action: str
+    data: dict[str, Any] | None
+
+
+def status_changes(
+    created_at: datetime, status_now: str, updated_at: datetime, events: Sequence[EventRow]
+) -> list[tuple[datetime, str]]:
+    """(when, new status) from the events (in order), starting with `open` at creation."""
     status = "open"
-    changes = [(ticket.created_at, status)]
-    for event in sorted(ticket.events, key=lambda e: (e.at, e.id)):
+    changes = [(created_at, status)]
+    for event in events:
         new = None
         if event.action == "status" and event.data and event.data.get("new"):
             new = str(event.data["new"])
@@ -116,8 +148,8 @@ def status_changes(ticket: Ticket) -> list[tuple[datetime, str]]:
         if new and new != status:
             changes.append((event.at, new))
             status = new
-    if status != ticket.status:  # an unrecorded change: trust the ticket row
-        changes.append((max(ticket.updated_at, changes[-1][0]), ticket.status))
+    if status != status_now:  # an unrecorded change: trust the ticket row
+        changes.append((max(updated_at, changes[-1][0]), status_now))
     return changes
 
 
@@ -128,7 +160,7 @@ def _segments(
     return [(at, end, status) for (at, status), end in zip(changes, [*ends, None], strict=True)]
 
 
-def _action_times(events: Iterable[Event], action: str) -> list[datetime]:
+def _action_times(events: Iterable[EventRow], action: str) -> list[datetime]:
     return sorted(e.at for e in events if e.action == action)
 
 
@@ -145,51 +177,53 @@ class FactBuilder:
             self._calendars[priority] = self.desk.calendar(priority)
         return self._calendars[priority]
 
-    def facts(self, ticket: Ticket) -> Facts:
-        target = self.desk.target(ticket.priority)
-        changes = status_changes(ticket)
+    def facts(self, row: Any, events: Sequence[EventRow]) -> Facts:
+        """Facts of one incident from its ticket columns (TICKET_COLUMNS) and events."""
+        target = self.desk.target(row.priority)
         f = Facts(
-            id=ticket.id,
-            ref=ticket.ref,
-            subject=ticket.subject,
-            priority=ticket.priority,
-            tier=ticket.tier,
-            category=ticket.category,
-            requester=ticket.requester,
-            assignee=ticket.assignee,
-            major=ticket.major,
-            status=ticket.status,
-            created_at=ticket.created_at,
-            responded_at=ticket.responded_at,
+            id=row.id,
+            ref=f"INC-{row.number}",
+            subject=row.subject,
+            priority=row.priority,
+            tier=row.tier,
+            category=row.category,
+            requester=row.requester,
+            assignee=row.assignee,
+            major=bool(row.major),
+            status=row.status,
+            created_at=row.created_at,
+            responded_at=row.responded_at,
             target=target.resolve,
             response_target=target.response,
-            changes=changes,
-            reopens=_action_times(ticket.events, "reopened"),
-            escalations=_action_times(ticket.events, "escalated"),
-            handoffs=_action_times(ticket.events, "problem"),
+            changes=status_changes(row.created_at, row.status, row.updated_at, events),
+            reopens=_action_times(events, "reopened"),
+            escalations=_action_times(events, "escalated"),
+            handoffs=_action_times(events, "problem"),
         )
         self._clock(f)
         return f
 
     def _clock(self, f: Facts) -> None:
-        """Pauses, resolution, deadline and time used, from the status changes."""
+        """Pauses, resolution, deadline and times, from the status changes."""
         cal = self.calendar(f.priority)
         segments = _segments(f.changes)
         last_status = segments[-1][2]
-        f.pauses = [(start, end) for start, end, st in segments if st != RUNNING and end]
         f.resolutions = _entries(segments, DONE)
         if last_status in DONE:
             f.resolved_at = f.resolutions[-1]
-        open_pause = segments[-1][0] if last_status not in (RUNNING, *DONE) else None
-        stop = f.resolved_at or self.now
+        stop = f.resolved_at  # after the final resolution nothing moves the deadline
+        f.pauses = [
+            (start, end)
+            for start, end, st in segments
+            if st != RUNNING and end and (stop is None or start < stop)
+        ]
+        f.open_pause = segments[-1][0] if last_status not in (RUNNING, *DONE) else None
+        f.calendar, f.now = cal, self.now
         f.deadline = sla.due_at(cal, f.created_at, f.target, f.pauses)
-        if open_pause is not None and f.deadline is not None and f.deadline > open_pause:
+        if f.open_pause is not None and f.deadline is not None and f.deadline > f.open_pause:
             f.deadline = None  # the clock stopped before the deadline: not known yet
-        pauses = [*f.pauses, (open_pause, None)] if open_pause is not None else f.pauses
-        elapsed = sla.elapsed(cal, f.created_at, max(stop, f.created_at), pauses)
-        f.used = elapsed / f.target.total_seconds()
         if f.resolved_at is not None:
-            f.resolve_seconds = elapsed
+            f.resolve_seconds = sla.elapsed(cal, f.created_at, f.resolved_at, f.pauses)
         if f.responded_at is not None:
             f.respond_seconds = sla.elapsed(cal, f.created_at, f.responded_at)
 
@@ -206,20 +240,59 @@ def _entries(
     return out
 
 
+TICKET_COLUMNS = (
+    Ticket.id,
+    Ticket.number,
+    Ticket.subject,
+    Ticket.priority,
+    Ticket.tier,
+    Ticket.category,
+    Ticket.requester,
+    Ticket.assignee,
+    Ticket.major,
+    Ticket.status,
+    Ticket.created_at,
+    Ticket.updated_at,
+    Ticket.responded_at,
+)
+EVENT_ACTIONS = ("status", "escalated", "reopened", *ACTION_STATUS)
+
+
+def lookback(desk: Desk) -> timedelta:
+    """How long after its last change an incident's deadline can still fall: generous for
+    the longest target on a business calendar (7.5 h a day, a 9-day holiday)."""
+    longest = max(t.resolve for t in desk.settings.sla.targets.values())
+    return timedelta(days=30) + longest * 10
+
+
 def load(
-    session: Session, desk: Desk, now: datetime, created_before: datetime | None = None
+    session: Session,
+    desk: Desk,
+    now: datetime,
+    created_before: datetime | None = None,
+    since: datetime | None = None,
 ) -> list[Facts]:
-    """Facts for every incident (created before `created_before`, when given)."""
-    query = (
-        select(Ticket)
-        .where(Ticket.kind == "incident")
-        .options(selectinload(Ticket.events))
-        .order_by(Ticket.created_at, Ticket.id)
-    )
+    """Facts for the incidents created before `created_before` that can count from `since`
+    on: open ones, and the others changed since then (minus the lookback)."""
+    conditions = [Ticket.kind == "incident"]
     if created_before is not None:
-        query = query.where(Ticket.created_at < created_before)
+        conditions.append(Ticket.created_at < created_before)
+    if since is not None:
+        conditions.append(or_(Ticket.status.in_(OPEN), Ticket.updated_at >= since - lookback(desk)))
+    events: dict[int, list[EventRow]] = {}
+    rows = session.execute(
+        select(Event.ticket_id, Event.at, Event.id, Event.action, Event.data)
+        .join(Ticket, Ticket.id == Event.ticket_id)
+        .where(*conditions, Event.action.in_(EVENT_ACTIONS))
+        .order_by(Event.ticket_id, Event.at, Event.id)
+    )
+    for ticket_id, at, event_id, action, data in rows:
+        events.setdefault(ticket_id, []).append(EventRow(at, event_id, action, data))
     builder = FactBuilder(desk, now)
-    return [builder.facts(t) for t in session.scalars(query)]
+    tickets = session.execute(
+        select(*TICKET_COLUMNS).where(*conditions).order_by(Ticket.created_at, Ticket.id)
+    )
+    return [builder.facts(row, events.get(row.id, [])) for row in tickets]
 
 
 def in_window(times: Iterable[datetime], start: datetime, end: datetime) -> list[datetime]:

@@ -241,15 +241,17 @@ def compute(desk: Desk, since: date | None, until: date | None, now: datetime) -
     tz = desk.settings.desk.tz
     since, until = period(since, until, now.astimezone(tz).date())
     start, end = window(since, until, tz)
+    periods = trend_periods(since, until)
+    earliest, _ = window(periods[0][0], periods[0][1], tz)
     with desk.db.sessions() as session:
-        facts = metrics.load(session, desk, now, created_before=end)
+        facts = metrics.load(session, desk, now, created_before=end, since=earliest)
     current = summarize(facts, start, end, now)
     opened = [f for f in facts if start <= f.created_at < end]
     due = [f for f in facts if f.due_in(start, end, now)]
     prev_since, prev_until = previous_period(since, until)
     previous = summarize(facts, *window(prev_since, prev_until, tz), now)
     trend = []
-    for a, b in trend_periods(since, until):
+    for a, b in periods:
         s = summarize(facts, *window(a, b, tz), now)
         trend.append({"since": a.isoformat(), "until": b.isoformat(), **_rate_keys(s)})
     by_category = _groups(opened, due, lambda f: f.category, ())

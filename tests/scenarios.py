@@ -106,6 +106,7 @@ def october(desk: Desk) -> None:
     assert s("2026-09-30 09:00", U2, "网络很慢", "网页打不开") == "INC-1"
     s("2026-09-30 09:30", DESK1, "Re: [INC-1] 网络很慢", "正在排查，请稍候")
     s("2026-10-08 16:00", DESK1, "Re: [INC-1] 网络很慢", "已解决 更换了网线")
+    s("2026-10-09 09:00", U2, "Re: [INC-1] 网络很慢", "确认")  # closed: the deadline stays
     # INC-2 P3 desktop: pending a day; deadline moves to Sat Oct 10 16:00 (make-up day).
     assert s("2026-09-30 15:00", U3, "电脑开不了机", "按电源没反应") == "INC-2"
     s("2026-10-08 09:00", DESK1, "Re: [INC-2] 电脑开不了机", "待用户 请问是哪台电脑？")
