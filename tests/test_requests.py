@@ -194,19 +194,22 @@ def test_missing_fields_are_asked_for_once_then_supplied(strict_desk, mailbox, s
 
 def test_english_form_and_the_form_type_routes(tmp_path, mailbox, smtp, clock, capsys):
     desk = make_desk(tmp_path, mailbox=mailbox, smtp=smtp, desk={"language": "en"}, roles={
-        "approvers": {"default": [APPROVER], "software": ["swboss@example.test"]},
+        "approvers": {"default": [APPROVER], "other": ["boss@example.test"]},
         "executors": {"default": [EXECUTOR]},
     })
     try:
-        mailbox.append(make_mail("li.si@example.test", "Request: Visio on my laptop",
-                                 "Request type: software\nReason: drawing process charts\n"
+        mailbox.append(make_mail("li.si@example.test", "Request: a second monitor",
+                                 "Request type: other\nReason: design review work\n"
                                  "Related: INC-3, CHG-7"))
         run_once(desk, clock)
         ticket = show(desk, capsys)
-        assert ticket["request_type"] == "software"
+        assert ticket["rule"] == "34-request-hardware"
+        assert ticket["request_type"] == "other", "the form's type wins over the rule's"
+        assert any(e["action"] == "request_type" and "hardware → other" in e["detail"]
+                   for e in ticket["events"])
         assert ticket["form"]["links"] == ["INC-3", "CHG-7"]
         assert sent_to(smtp, APPROVER) == []
-        [approval] = [m.content for m in sent_to(smtp, "swboss@example.test")]
+        [approval] = [m.content for m in sent_to(smtp, "boss@example.test")]
         assert "Approval needed" in parsed(approval)["Subject"]
         assert "reject <reason>" in body_of(approval)
     finally:
