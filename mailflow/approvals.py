@@ -11,7 +11,8 @@ token is stored. A decision counts only when all of these hold (`verify`):
 
 1. the mail carries exactly one token (in its recipients and/or In-Reply-To/References),
    issued by us (HMAC checked with `hmac.compare_digest`) for this request;
-2. the sender (a single From address) is the approver the token was issued to;
+2. the sender (a single From address, and no Sender header naming someone else) is the
+   approver the token was issued to;
 3. with `[requests] require_dkim`, the topmost `Authentication-Results` header whose
    authserv-id is `[requests] trusted_authserv_id` shows dkim=pass (aligned with the
    approver's domain) or dmarc=pass (header.from = that domain); every other such header,
@@ -350,6 +351,8 @@ REASONS = {
     "wrong_sender": "发件人 {sender} 不是该审批凭证的审批人 / "
     "{sender} is not the approver this token was issued to",
     "several_senders": "发件人不唯一 / the mail names more than one sender",
+    "on_behalf": "邮件由 {sender} 代发，审批须由审批人本人发送 / "
+    "sent on the approver's behalf by {sender}; approvers decide themselves",
     "not_authenticated": "发件域未通过 DKIM/DMARC 验证（{auth}）/ "
     "no DKIM or DMARC pass for the sender's domain ({auth})",
     "used": "该审批凭证已使用过 / this approval token has already been used",
@@ -394,6 +397,9 @@ def verify(
         return _refuse("several_senders", row)
     if from_addresses[0] != row.approver:
         return _refuse("wrong_sender", row, sender=from_addresses[0])
+    agents = [a.lower() for _, a in getaddresses(mail.header_all("sender")) if a]
+    if any(a != row.approver for a in agents):
+        return _refuse("on_behalf", row, sender=agents[0] if len(agents) == 1 else "?")
     auth = ""
     settings = desk.settings.requests
     if settings.require_dkim:

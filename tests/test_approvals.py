@@ -203,11 +203,13 @@ def test_tampered_conflicting_and_multi_sender_mails_are_refused(desk, mailbox, 
                              in_reply_to=parsed(approval)["Message-ID"]))
     mailbox.append(answer(approval, APPROVER, "同意").replace(
         f"From: {APPROVER}".encode(), f"From: {APPROVER}, {MALLORY}".encode(), 1))
+    mailbox.append(with_headers(answer(approval, APPROVER, "同意"), f"Sender: {MALLORY}"))
     run_once(desk, clock)
     assert_unchanged(desk, capsys, smtp)
     details = [e["detail"] for e in refusals(desk, capsys)]
-    assert len(details) == 3
+    assert len(details) == 4
     assert "无效" in details[0] and "多个" in details[1] and "发件人不唯一" in details[2]
+    assert "代发" in details[3] and MALLORY in details[3]
     assert sent_to(smtp, MALLORY) == []
 
 
