@@ -57,7 +57,6 @@ class Facts:
     created_at: datetime
     responded_at: datetime | None
     target: timedelta
-    response_target: timedelta
     changes: list[tuple[datetime, str]]
     pauses: list[sla.Pause] = field(default_factory=list)
     resolved_at: datetime | None = None  # the final resolution; None while not resolved
@@ -97,10 +96,6 @@ class Facts:
             and self.deadline is not None
             and self.resolved_at <= self.deadline
         )
-
-    @property
-    def paused(self) -> bool:
-        return self.status == "pending"
 
     @property
     def is_open(self) -> bool:
@@ -194,7 +189,6 @@ class FactBuilder:
             created_at=row.created_at,
             responded_at=row.responded_at,
             target=target.resolve,
-            response_target=target.response,
             changes=status_changes(row.created_at, row.status, row.updated_at, events),
             reopens=_action_times(events, "reopened"),
             escalations=_action_times(events, "escalated"),
