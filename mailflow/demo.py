@@ -72,7 +72,8 @@ class _Deliver:
 
     async def handle_DATA(self, server: Any, session: Any, envelope: Any) -> str:  # noqa: N802
         for rcpt in envelope.rcpt_tos:
-            if rcpt.lower() == DESK:
+            local, _, domain = rcpt.lower().partition("@")
+            if f"{local.split('+')[0]}@{domain}" == DESK:  # itsm+<token>@… is the desk too
                 self.desk_box.add(envelope.original_content or envelope.content)
             else:
                 self.people.setdefault(rcpt.lower(), []).append(envelope.content)
@@ -111,7 +112,8 @@ class Demo:
     ) -> None:
         msg = EmailMessage()
         msg["From"] = f"{name} <{sender}>" if name else sender
-        msg["To"] = DESK
+        # Like a mail client: a reply goes to the Reply-To address when there is one.
+        msg["To"] = (reply_to["Reply-To"] if reply_to is not None else None) or DESK
         msg["Subject"] = subject
         msg["Message-ID"] = make_msgid(domain=sender.split("@")[1])
         if reply_to is not None:
@@ -120,7 +122,7 @@ class Demo:
             quoted = "\n".join("> " + line for line in _text(reply_to).splitlines())
             body = f"{body}\n\n在 {reply_to['Date']}，{reply_to['From']} 写道：\n{quoted}\n"
         msg.set_content(body)
-        self.say(f"\n✉  {sender} → {DESK}: {subject}\n   {body.splitlines()[0]}")
+        self.say(f"\n✉  {sender} → {msg['To']}: {subject}\n   {body.splitlines()[0]}")
         with smtplib.SMTP("127.0.0.1", self.port) as client:
             client.send_message(msg)
         self.daemon.run_once()
@@ -190,14 +192,22 @@ class Demo:
         )
         for person in ("l2@example.test", "post@example.test", "im@example.test"):
             self.inbox(person)
-        self.say("\n== 6. A service request in English ==")
+        self.say("\n== 6. A service request, approved and fulfilled ==")
         self.send(
             "bob@example.test",
             "Request: VPN access",
             "Request type: network-access\nReason: working from the substation site\n",
         )
         self.inbox("bob@example.test")
-        self.inbox("approver@example.test")
+        approval = self.latest("approver@example.test", "REQ-1")
+        self.send("approver@example.test", "Re: " + approval["Subject"], "同意", reply_to=approval)
+        task = self.latest("exec@example.test", "REQ-1")
+        self.send(
+            "exec@example.test", "Re: " + task["Subject"], "完成\nVPN 账号已开通。", reply_to=task
+        )
+        done = self.latest("bob@example.test", "REQ-1")
+        self.send("bob@example.test", "Re: " + done["Subject"], "confirm", reply_to=done)
+        self.inbox("bob@example.test")
 
     def run(self) -> int:
         self.controller.start()

@@ -62,10 +62,6 @@ def load_all() -> list[Job]:
     """Import the modules that define jobs, then return them."""
     import importlib
 
-    for module in ("mailflow.sla_jobs", "mailflow.digest", "mailflow.report"):
-        try:
-            importlib.import_module(module)
-        except ModuleNotFoundError as exc:
-            if exc.name != module:
-                raise
+    for module in ("sla_jobs", "requests", "digest", "report"):
+        importlib.import_module(f"mailflow.{module}")
     return list(JOBS)
