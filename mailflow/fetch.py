@@ -371,6 +371,15 @@ class ImapSource:
         # "n:*" always matches the highest UID, even when it is below n.
         return sorted(u for u in found if u > uid)
 
+    def unmarked_upto(self, uid: int) -> list[int]:
+        """UIDs up to uid still without the done keyword (stored, then a crash before marking)."""
+        if uid < 1:
+            return []
+        client = self._connected()
+        with self._errors("UID SEARCH"):
+            found = client.search(["UID", f"1:{uid}", "UNKEYWORD", self.settings.done_flag])
+        return sorted(u for u in found if u <= uid)
+
     def fetch(self, uids: Sequence[int]) -> Iterator[Fetched]:
         """Yield the messages in UID order, batch_size per round trip, leaving \\Seen alone.
 

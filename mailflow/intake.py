@@ -117,6 +117,8 @@ def poll_imap(
             log.warning("%s: UIDVALIDITY changed %s → %s", mailbox, state.uidvalidity, uidvalidity)
             state.uidvalidity, state.last_uid = uidvalidity, 0
         last_uid = state.last_uid
+    # Stored by a run that died before flagging them: flag (or move) them now.
+    source.mark_done(source.unmarked_upto(last_uid))
     uids = source.uids_after(last_uid)
     fetched = source.fetch(uids)
     count = 0

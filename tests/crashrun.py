@@ -1,0 +1,134 @@
+"""Run `mailflow run --once` and kill the process with SIGKILL at a named point.
+
+    python tests/crashrun.py --config X [--kill-at POINT [--after N]] [--later SECONDS]
+
+The crash tests (tests/test_crash.py) use it: production code has no fault hooks; this
+script wraps one function of the real code so that its N-th call ends the process the
+hard way, then hands over to `mailflow.cli.main(["--config", X, "run", "--once"])`.
+
+POINT        the process dies …
+fetched      … when the N-th message has been fetched from IMAP, before it is stored
+stored       … after the N-th batch was committed, before it is flagged on the server
+processing   … inside the N-th message's transaction, before its commit
+processed    … after the N-th message's commit, before anything else
+sending      … after the SMTP server accepted the N-th mail, before it is marked sent
+sent         … after the N-th mail is marked sent
+
+`--later SECONDS` runs with the clock that many seconds ahead, as a restart after the dead
+process's mailbox lease and outbox claims ran out would.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import signal
+import sys
+from collections.abc import Callable, Iterator
+from datetime import timedelta
+from functools import wraps
+from pathlib import Path
+from typing import Any
+
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+
+from mailflow import daemon, outbox, pipeline  # noqa: E402
+from mailflow.cli import main  # noqa: E402
+from mailflow.fetch import ImapSource  # noqa: E402
+from mailflow.models import utcnow  # noqa: E402
+
+POINTS = ("fetched", "stored", "processing", "processed", "sending", "sent")
+
+
+def die() -> None:
+    sys.stdout.flush()
+    os.kill(os.getpid(), signal.SIGKILL)
+
+
+class Countdown:
+    def __init__(self, after: int) -> None:
+        self.left = after
+
+    def tick(self) -> None:
+        self.left -= 1
+        if self.left <= 0:
+            die()
+
+
+def _after_call(fn: Callable[..., Any], count: Countdown) -> Callable[..., Any]:
+    @wraps(fn)
+    def wrapper(*args: Any, **kwargs: Any) -> Any:
+        result = fn(*args, **kwargs)
+        count.tick()
+        return result
+
+    return wrapper
+
+
+def arm(point: str, after: int) -> None:
+    """Wrap the function of `point` so that its `after`-th use kills the process."""
+    count = Countdown(after)
+    if point == "fetched":
+        fetch = ImapSource.fetch
+
+        def fetching(self: ImapSource, uids: Any) -> Iterator[Any]:
+            for item in fetch(self, uids):
+                count.tick()
+                yield item
+
+        ImapSource.fetch = fetching  # type: ignore[method-assign]
+    elif point == "stored":
+        mark_done = ImapSource.mark_done
+
+        def marking(self: ImapSource, uids: Any) -> None:
+            count.tick()
+            mark_done(self, uids)
+
+        ImapSource.mark_done = marking  # type: ignore[method-assign]
+    elif point == "processing":
+        pipeline.handle = _after_call(pipeline.handle, count)
+    elif point == "processed":
+        pipeline.process_one = _after_call(pipeline.process_one, count)
+    elif point == "sending":
+        finish = outbox._finish
+
+        def finishing(*args: Any, **kwargs: Any) -> Any:
+            if args[4] is None:  # error is None: the server accepted the mail
+                count.tick()
+            return finish(*args, **kwargs)
+
+        outbox._finish = finishing
+    elif point == "sent":
+        outbox._finish = _after_call(outbox._finish, count)
+    else:
+        raise SystemExit(f"unknown point {point!r}; one of {', '.join(POINTS)}")
+
+
+def shift_clock(seconds: float) -> None:
+    """Every Daemon the CLI builds runs `seconds` ahead of the wall clock."""
+    ahead = timedelta(seconds=seconds)
+    base = daemon.Daemon
+
+    class Later(base):  # type: ignore[misc, valid-type]
+        def __init__(self, desk: Any, clock: Any = None) -> None:
+            super().__init__(desk, lambda: utcnow() + ahead)
+
+    daemon.Daemon = Later  # type: ignore[misc]
+
+
+def run(argv: list[str]) -> int:
+    parser = argparse.ArgumentParser()
+    parser.add_argument("--config", required=True)
+    parser.add_argument("--kill-at", choices=POINTS)
+    parser.add_argument("--after", type=int, default=1)
+    parser.add_argument("--later", type=float, default=0.0)
+    args = parser.parse_args(argv)
+    if args.later:
+        shift_clock(args.later)
+    if args.kill_at:
+        arm(args.kill_at, args.after)
+    return main(["--config", args.config, "run", "--once"])
+
+
+if __name__ == "__main__":
+    sys.exit(run(sys.argv[1:]))
