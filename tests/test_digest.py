@@ -31,17 +31,23 @@ EXPECTED = {
 }
 
 
-@pytest.fixture(scope="module")
-def nov_desk(tmp_path_factory: pytest.TempPathFactory):
-    desk = scenario_desk(tmp_path_factory.mktemp("november"))
+@pytest.fixture
+def nov_desk(tmp_path: Path):
+    desk = scenario_desk(tmp_path)
     november(desk)
     yield desk
     desk.close()
 
 
 @pytest.fixture(scope="module")
-def built(nov_desk: Desk) -> dict[str, digest.DigestItem]:
-    items = digest.run_digests(nov_desk, NOW, dry_run=True)
+def built(tmp_path_factory: pytest.TempPathFactory) -> dict[str, digest.DigestItem]:
+    """The morning's digests, built once (the desk is closed before any test runs)."""
+    desk = scenario_desk(tmp_path_factory.mktemp("november"))
+    try:
+        november(desk)
+        items = digest.run_digests(desk, NOW, dry_run=True)
+    finally:
+        desk.close()
     assert len(items) == len({i.recipient for i in items}), "one digest per person"
     return {item.recipient: item for item in items}
 
@@ -133,7 +139,7 @@ def test_manager_digest_figures(built):
     assert built["lead@example.test"].text.replace("lead@", "im@") == text
 
 
-def test_figures_agree_with_the_report(nov_desk, built):
+def test_figures_agree_with_the_report(nov_desk):
     from datetime import date
 
     from mailflow import report

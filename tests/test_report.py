@@ -34,17 +34,23 @@ OCT = (date(2026, 10, 1), date(2026, 10, 31))
 REVIEW = {"im@example.test", "lead@example.test", "l2@example.test", "l3@example.test"}
 
 
-@pytest.fixture(scope="module")
-def oct_desk(tmp_path_factory: pytest.TempPathFactory):
-    desk = scenario_desk(tmp_path_factory.mktemp("october"))
+@pytest.fixture
+def oct_desk(tmp_path: Path):
+    desk = scenario_desk(tmp_path)
     october(desk)
     yield desk
     desk.close()
 
 
 @pytest.fixture(scope="module")
-def oct_data(oct_desk: Desk) -> dict:
-    return report.compute(oct_desk, *OCT, NOW)
+def oct_data(tmp_path_factory: pytest.TempPathFactory) -> dict:
+    """October's report, computed once (the desk is closed before any test runs)."""
+    desk = scenario_desk(tmp_path_factory.mktemp("october"))
+    try:
+        october(desk)
+        return report.compute(desk, *OCT, NOW)
+    finally:
+        desk.close()
 
 
 # -- the figures --------------------------------------------------------------------------
@@ -398,7 +404,8 @@ def test_schedule_format_and_validation(tmp_path):
     assert {"digest.weekly_report", "digest.monthly_report"} <= keys
 
 
-def test_report_jobs_registered_with_catch_up(oct_desk):
+def test_report_jobs_registered_with_catch_up(tmp_path):
+    oct_desk = scenario_desk(tmp_path)
     found = {job.name: job for job in jobs.load_all()}
     for name in ("report-weekly", "report-monthly"):
         assert found[name].catch_up
@@ -407,3 +414,4 @@ def test_report_jobs_registered_with_catch_up(oct_desk):
     after = local("2026-11-02 09:30")
     assert weekly.get_next_fire_time(None, after) == local("2026-11-09 09:00")
     assert monthly.get_next_fire_time(None, after) == local("2026-12-01 09:00")
+    oct_desk.close()
