@@ -91,7 +91,7 @@ def main() -> None:
         with desk.db.sessions() as session:
             facts = timed("metrics.load: every incident's facts", lambda: metrics.load(
                 session, desk, NOW))
-        print(f"  {len(facts)} incidents, {len(facts) / 1:,} facts")
+        print(f"  {len(facts)} incidents, {sum(f.is_open for f in facts)} of them open")
         data = timed("report.compute: one month (+ previous, 6-month trend)",
                      lambda: report.compute(desk, date(2026, 11, 1), date(2026, 11, 30), NOW))
         print(f"  November: {data['incidents']} due, rate {data['target_achievement_rate']}")
