@@ -114,6 +114,8 @@ def handle(session: Session, desk: Desk, inbound: Inbound, now: datetime) -> Out
     refused = guard.refused_sender(desk, mail)
     if refused:
         return Outcome("ignored", refused)
+    if tracking.answers_ticketless_mail(session, mail.in_reply_to):
+        return Outcome("ignored", "a reply to a digest or report, which belongs to no ticket")
     guard.begin(session, mail, inbound, now)
     ticket = tracking.find_ticket(
         session, mail.subject, mail.in_reply_to, mail.references

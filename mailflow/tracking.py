@@ -8,7 +8,7 @@ from collections.abc import Iterable
 from sqlalchemy import select
 from sqlalchemy.orm import Session
 
-from mailflow.models import ThreadRef, Ticket
+from mailflow.models import Outbox, ThreadRef, Ticket
 
 TAG = re.compile(r"\[\s*(INC|REQ)\s*-\s*(\d{1,9})\s*\]", re.IGNORECASE)
 KINDS = {"INC": "incident", "REQ": "request"}
@@ -59,6 +59,20 @@ def by_message_ids(session: Session, message_ids: Iterable[str]) -> Ticket | Non
         if message_id in refs:
             return session.get(Ticket, refs[message_id])
     return None
+
+
+def answers_ticketless_mail(session: Session, in_reply_to: list[str]) -> bool:
+    """Whether the mail answers one of our mails that belongs to no ticket (digest, report)."""
+    if not in_reply_to:
+        return False
+    return (
+        session.scalar(
+            select(Outbox.id)
+            .where(Outbox.message_id.in_(in_reply_to[-5:]), Outbox.ticket_id.is_(None))
+            .limit(1)
+        )
+        is not None
+    )
 
 
 def find_ticket(

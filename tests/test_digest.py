@@ -13,12 +13,12 @@ from pathlib import Path
 import pytest
 from scenarios import DIGEST_TIME, local, november, scenario_desk
 from sqlalchemy import func, select
-from support import DESK, body_of, make_desk, make_mail, parsed, run_once
+from support import DESK, body_of, make_desk, make_mail, parsed, reply, run_once
 
 from mailflow import digest, jobs
 from mailflow.cli import main
 from mailflow.desk import Desk
-from mailflow.models import JobRun, Outbox
+from mailflow.models import Inbound, JobRun, Outbox, Ticket
 
 NOW = local(DIGEST_TIME)
 EXPECTED = {
@@ -313,3 +313,13 @@ def test_end_to_end_mail_in_digest_out(tmp_path: Path, mailbox, smtp, clock):
     digest.run_scheduled(desk, clock.advance(hours=2))
     run_once(desk, clock)
     assert len(smtp.messages) == before
+    # Replying to the digest opens no ticket: it is recorded and ignored.
+    mailbox.append(reply(to_desk1[0].content, "desk1@example.test", "收到，今天处理。"))
+    run_once(desk, clock)
+    with desk.db.sessions() as session:
+        assert session.query(Ticket).count() == 1
+        row = session.query(Inbound).order_by(Inbound.id.desc()).first()
+        assert (row.state, row.reason) == (
+            "ignored", "a reply to a digest or report, which belongs to no ticket"
+        )
+    desk.close()
