@@ -391,9 +391,9 @@ SOURCE_ALERT_AFTER = 3  # consecutive failures (a refused login alerts at once)
 
 
 def _login_refused(error: BaseException) -> bool:
-    from imapclient.exceptions import LoginError
+    from mailflow.fetch import LoginRefused
 
-    return isinstance(error.__cause__, LoginError) or "login failed" in str(error).lower()
+    return isinstance(error, LoginRefused)
 
 
 def source_failed(
