@@ -31,9 +31,13 @@ OUTBOX_STATES = ("queued", "sent", "dead")
 
 
 def _desk(args: argparse.Namespace) -> Any:
+    from mailflow import logs
     from mailflow.desk import Desk
 
-    return Desk(load_config(resolve_config_path(args.config)))
+    settings = load_config(resolve_config_path(args.config))
+    level = "DEBUG" if args.verbose else settings.log.level
+    logs.setup(level, settings.log.format)
+    return Desk(settings)
 
 
 def cmd_run(args: argparse.Namespace) -> int:
@@ -311,11 +315,10 @@ def parser() -> argparse.ArgumentParser:
 
 
 def main(argv: Sequence[str] | None = None) -> int:
+    from mailflow import logs
+
     args = parser().parse_args(argv)
-    logging.basicConfig(
-        level=logging.DEBUG if args.verbose else logging.INFO,
-        format="%(asctime)s %(levelname)s %(name)s %(message)s",
-    )
+    logs.setup(logging.DEBUG if args.verbose else logging.INFO)
     try:
         return args.func(args)
     except TemporaryFailure as exc:

@@ -192,6 +192,9 @@ class Daemon:
                 self._halt,
                 wake,
                 self.owner,
+                login_backoff=self.backoffs.setdefault(
+                    source.name, guard.SourceBackoff(source.name)
+                ),
             )
             for source, cfg in zip(self.sources, self.mailboxes, strict=True)
         ]
@@ -203,9 +206,10 @@ class Daemon:
         self._work = asyncio.Event()
         self._halt.clear()
         loop = asyncio.get_running_loop()
-        for sig in (signal.SIGTERM, signal.SIGINT):
-            loop.add_signal_handler(sig, self.stop)
-        loop.add_signal_handler(signal.SIGHUP, self.reload)
+        if threading.current_thread() is threading.main_thread():  # else embedded: no signals
+            for sig in (signal.SIGTERM, signal.SIGINT):
+                loop.add_signal_handler(sig, self.stop)
+            loop.add_signal_handler(signal.SIGHUP, self.reload)
         metrics = exporter.serve(self.desk)
         scheduler = self._scheduler()
         scheduler.start()

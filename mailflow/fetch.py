@@ -19,7 +19,7 @@ import time
 from collections.abc import Callable, Iterator, Sequence
 from contextlib import contextmanager, suppress
 from dataclasses import dataclass, field
-from datetime import datetime
+from datetime import UTC, datetime
 from pathlib import Path
 
 import imapclient
@@ -84,9 +84,10 @@ class TokenSource:
     """An OAuth2 access token read from a command's output or from a file.
 
     The output or file holds the bare token, or JSON with ``access_token`` and either
-    ``expires_in`` (seconds) or ``expires_at`` (epoch seconds or ISO 8601). A token whose
-    expiry is known is reused until ``margin`` seconds before it; one without is read again
-    for every login. Something else (the provider's CLI, a cron job) keeps it fresh.
+    ``expires_in`` (seconds from when the command ran or the file was written) or
+    ``expires_at`` (epoch seconds or ISO 8601). A token whose expiry is known is reused
+    until ``margin`` seconds before it; one without is read again for every login.
+    Something else (the provider's CLI, a cron job) keeps the file fresh.
     """
 
     def __init__(
@@ -134,16 +135,18 @@ class TokenSource:
 
     def _read(self) -> Token:
         if self.command:
+            issued = self.clock()
             text = self._run(self.command)
         else:
             assert self.file is not None
             try:
+                issued = self.file.stat().st_mtime
                 text = self.file.read_text(encoding="utf-8")
             except OSError as exc:
                 raise SourceError(
                     f"cannot read [imap] oauth2_token_file {self.file}: {exc}"
                 ) from exc
-        return self._parse(text)
+        return self._parse(text, issued)
 
     def _run(self, command: str) -> str:
         try:
@@ -163,7 +166,7 @@ class TokenSource:
             )
         return done.stdout
 
-    def _parse(self, text: str) -> Token:
+    def _parse(self, text: str, issued: float) -> Token:
         text = text.strip()
         if not text.startswith("{"):
             if not text or any(c.isspace() for c in text):
@@ -172,7 +175,7 @@ class TokenSource:
         try:
             data = json.loads(text)
             value = data["access_token"]
-            expires_at = _expiry(data, self.clock())
+            expires_at = _expiry(data, issued)
         except (ValueError, KeyError, TypeError) as exc:
             raise SourceError(
                 f"[imap] {self.origin} gave JSON without a usable access_token/expiry: {exc}"
@@ -182,17 +185,18 @@ class TokenSource:
         return Token(value, expires_at)
 
 
-def _expiry(data: dict[str, object], now: float) -> float | None:
-    """expires_at (epoch or ISO 8601) or now + expires_in; None when neither is given."""
+def _expiry(data: dict[str, object], issued: float) -> float | None:
+    """expires_at (epoch or ISO 8601) or issued + expires_in; None when neither is given."""
     at = data.get("expires_at")
     if isinstance(at, int | float) and not isinstance(at, bool):
         return float(at)
     if isinstance(at, str):
-        return datetime.fromisoformat(at.replace("Z", "+00:00")).timestamp()
+        when = datetime.fromisoformat(at.replace("Z", "+00:00"))
+        return (when if when.tzinfo else when.replace(tzinfo=UTC)).timestamp()
     seconds = data.get("expires_in")
     if seconds is None:
         return None
-    return now + float(seconds)  # type: ignore[arg-type]
+    return issued + float(seconds)  # type: ignore[arg-type]
 
 
 class ImapSource:
@@ -217,6 +221,8 @@ class ImapSource:
         self.uidvalidity: int | None = None
         self.server_id: dict[str, str] = {}  # what the server answered to ID
         self.auth_expires_at: float | None = None  # when the token used to log in expires
+        self.auth_token: str | None = None  # the token used to log in
+        self.logins = 0  # successful connections so far (reconnections show here)
         self._client: imapclient.IMAPClient | None = None
 
     @property
@@ -276,6 +282,7 @@ class ImapSource:
         if b"UIDVALIDITY" not in info:
             raise SourceError(f"IMAP server {self._where} sent no UIDVALIDITY for {s.folder!r}")
         self.uidvalidity = int(info[b"UIDVALIDITY"])
+        self.logins += 1
         return self.uidvalidity
 
     def _xoauth2(self, client: imapclient.IMAPClient) -> None:
@@ -297,7 +304,7 @@ class ImapSource:
                     f"IMAP XOAUTH2 login refused for {s.username}@{s.host}: the token from "
                     f"[imap] {s.token.origin} was not accepted ({exc})"
                 ) from exc
-            self.auth_expires_at = token.expires_at
+            self.auth_expires_at, self.auth_token = token.expires_at, token.value
             return
 
     def _send_id(self, client: imapclient.IMAPClient) -> None:

@@ -125,15 +125,34 @@ FORMATTERS: dict[str, type[logging.Formatter]] = {
 _HANDLER_NAME = "mailflow"
 
 
-def setup(level: str | int = logging.INFO, fmt: str = "text", stream: Any = None) -> None:
-    """Configure the root logger once: one stderr handler with our filter and formatter.
+class _StderrHandler(logging.StreamHandler):  # type: ignore[type-arg]
+    """Writes to whatever sys.stderr is at the time (it may be replaced after setup)."""
 
-    Called again (e.g. after the config is read) it changes level and format in place.
+    def __init__(self) -> None:
+        super().__init__(sys.stderr)
+
+    @property  # type: ignore[override]
+    def stream(self) -> Any:
+        return sys.stderr
+
+    @stream.setter
+    def stream(self, value: Any) -> None:
+        pass
+
+
+def setup(level: str | int = logging.INFO, fmt: str = "text") -> None:
+    """Configure the root logger: one stderr handler with our filter and formatter.
+
+    Like logging.basicConfig, it adds nothing when the root logger already has handlers
+    of someone else's (an embedding application, a test runner). Called again (e.g. after
+    the config is read) it changes the level and format in place.
     """
     root = logging.getLogger()
     handler = next((h for h in root.handlers if h.get_name() == _HANDLER_NAME), None)
     if handler is None:
-        handler = logging.StreamHandler(stream or sys.stderr)
+        if root.handlers:
+            return
+        handler = _StderrHandler()
         handler.set_name(_HANDLER_NAME)
         handler.addFilter(ContextFilter())
         root.addHandler(handler)

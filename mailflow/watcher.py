@@ -29,6 +29,7 @@ from mailflow.models import MailboxState
 log = logging.getLogger(__name__)
 
 FIRST_BACKOFF = 1.0
+TOKEN_RECHECK = 10.0  # seconds between asks for a fresh token inside the refresh margin
 
 
 class LoginBackoff(Protocol):
@@ -138,16 +139,29 @@ class MailboxWatcher:
                 return
 
     def _idle_timeout(self) -> float | None:
-        """Renew IDLE after idle_renew, or before the login token expires (None: now)."""
+        """How long to IDLE: until idle_renew, or until the login token is due for refresh.
+
+        None: log in again now (a fresh token is on hand). A token inside its refresh
+        margin with no fresh one yet keeps the session and is asked for again shortly.
+        """
         timeout = self.cfg.idle_renew
         token = self.source.settings.token
         expires = self.source.auth_expires_at
-        if expires is not None and token is not None:
-            until_refresh = expires - token.margin - token.clock()
-            if until_refresh <= 0:
-                return None
-            timeout = min(timeout, until_refresh)
-        return timeout
+        if expires is None or token is None:
+            return timeout
+        until_refresh = expires - token.margin - token.clock()
+        if until_refresh > 0:
+            return min(timeout, until_refresh)
+        try:
+            fresh = token.token()
+        except SourceError as exc:
+            log.warning("cannot refresh the login token yet: %s", exc)
+            fresh = None
+        if fresh is not None and fresh.value != self.source.auth_token:
+            return None
+        log.warning("%s: no fresh token yet; the session's token expires at %s", self.name,
+                    time.strftime("%H:%M:%S", time.localtime(expires)))
+        return min(timeout, TOKEN_RECHECK)
 
     def _keep_lease(self) -> bool:
         """Renew the lease when a third of its TTL has passed; False when it was lost."""
