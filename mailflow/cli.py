@@ -30,6 +30,20 @@ INBOUND_STATES = ("processed", "ignored", "quarantined", "pending")
 OUTBOX_STATES = ("queued", "sent", "dead")
 
 
+def _log_format(args: argparse.Namespace) -> str:
+    """[log] format, read before anything logs (the config is validated later)."""
+    import tomllib
+
+    from mailflow.logs import FORMATTERS
+
+    try:
+        with resolve_config_path(args.config).open("rb") as handle:
+            value = tomllib.load(handle).get("log", {}).get("format", "text")
+    except (OSError, tomllib.TOMLDecodeError, AttributeError):
+        return "text"
+    return value if value in FORMATTERS else "text"
+
+
 def _desk(args: argparse.Namespace) -> Any:
     from mailflow import logs
     from mailflow.desk import Desk
@@ -128,12 +142,35 @@ def status_json(desk: Any) -> dict[str, Any]:
                 )
             )
         }
+        mailboxes = _mailboxes_json(session)
     return {
         "inbound": {s: inbound.get(s, 0) for s in INBOUND_STATES},
         "outbox": {s: out.get(s, 0) for s in OUTBOX_STATES},
         "last_poll": last.isoformat().replace("+00:00", "Z") if last else None,
         "errors": errors,
+        "mailboxes": mailboxes,
     }
+
+
+def _mailboxes_json(session: Any) -> dict[str, dict[str, Any]]:
+    """Per mailbox: its last successful poll and the daemon holding its poller lease."""
+    now = utcnow()
+    out = {}
+    for row in session.execute(
+        select(
+            MailboxState.name,
+            MailboxState.last_poll_at,
+            MailboxState.lease_owner,
+            MailboxState.lease_until,
+        ).order_by(MailboxState.name)
+    ):
+        held = row.lease_owner if row.lease_until and row.lease_until >= now else None
+        last = row.last_poll_at
+        out[row.name] = {
+            "last_poll": last.isoformat().replace("+00:00", "Z") if last else None,
+            "poller": held,
+        }
+    return out
 
 
 def cmd_status(args: argparse.Namespace) -> int:
@@ -144,6 +181,9 @@ def cmd_status(args: argparse.Namespace) -> int:
     print("inbound: " + ", ".join(f"{k} {v}" for k, v in data["inbound"].items()))
     print("outbox:  " + ", ".join(f"{k} {v}" for k, v in data["outbox"].items()))
     print(f"last poll: {data['last_poll'] or 'never'}")
+    for name, box in data["mailboxes"].items():
+        print(f"mailbox {name}: last poll {box['last_poll'] or 'never'}, "
+              f"polled by {box['poller'] or 'no one now'}")
     for name, error in data["errors"].items():
         print(f"error: {name}: {error}")
     return 0
@@ -265,6 +305,20 @@ def cmd_requeue(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_resend(args: argparse.Namespace) -> int:
+    """Queue dead outgoing mail again (after fixing an address or the relay)."""
+    desk = _desk(args)
+    with desk.db.transaction() as session:
+        query = select(Outbox).where(Outbox.state == "dead")
+        if args.ids:
+            query = query.where(Outbox.id.in_(args.ids))
+        rows = list(session.scalars(query))
+        for row in rows:  # due at once: its first due time has passed
+            row.state, row.attempts, row.next_attempt_at = "queued", 0, row.created_at
+    print(f"queued {len(rows)} message(s) again")
+    return 0
+
+
 def _date(value: str) -> date:
     try:
         return date.fromisoformat(value)
@@ -311,6 +365,9 @@ def parser() -> argparse.ArgumentParser:
     requeue = sub.add_parser("requeue", help="process quarantined mail again")
     requeue.add_argument("ids", nargs="*", type=int)
     requeue.set_defaults(func=cmd_requeue)
+    resend = sub.add_parser("resend", help="queue dead outgoing mail again")
+    resend.add_argument("ids", nargs="*", type=int)
+    resend.set_defaults(func=cmd_resend)
     return p
 
 
@@ -318,7 +375,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     from mailflow import logs
 
     args = parser().parse_args(argv)
-    logs.setup(logging.DEBUG if args.verbose else logging.INFO)
+    logs.setup(logging.DEBUG if args.verbose else logging.INFO, _log_format(args))
     try:
         return args.func(args)
     except TemporaryFailure as exc:

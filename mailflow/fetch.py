@@ -30,6 +30,7 @@ from mailflow.errors import MailflowError
 SECURITY_MODES = ("none", "starttls", "tls")
 AUTH_MODES = ("password", "xoauth2")
 IDLE_SLICE = 1.0  # seconds between checks of the stop flag while in IDLE
+NEWS = frozenset({b"EXISTS", b"RECENT"})  # untagged responses that announce new mail
 
 log = logging.getLogger(__name__)
 
@@ -223,6 +224,7 @@ class ImapSource:
         self.auth_expires_at: float | None = None  # when the token used to log in expires
         self.auth_token: str | None = None  # the token used to log in
         self.logins = 0  # successful connections so far (reconnections show here)
+        self._announced = False  # new mail announced in a response we did not look for
         self._client: imapclient.IMAPClient | None = None
 
     @property
@@ -333,6 +335,8 @@ class ImapSource:
         Raises SourceError when the connection dies or the server says BYE.
         """
         client = self._connected()
+        if self._news_pending():  # announced during the last poll's commands: poll again
+            return True
         deadline = time.monotonic() + timeout
         with self._errors("IDLE"):
             client.idle()
@@ -341,8 +345,24 @@ class ImapSource:
             except BaseException:
                 self.close()
                 raise
-            client.idle_done()
-        return arrived
+            _, late = client.idle_done()  # what came in while we were saying DONE
+        return arrived or any(_words(r) & NEWS for r in late)
+
+    def _news_pending(self) -> bool:
+        """Did an EXISTS/RECENT come with a response since the last uids_after()?
+
+        The server announces a message once; if that rides on the answer to FETCH, STORE or
+        SEARCH, IDLE will not announce it again, so it must not be lost.
+        """
+        client = self._connected()
+        pending = client._imap.untagged_responses  # imaplib keeps unclaimed responses here
+        return self._announced or any(pending.get(kind) for kind in ("EXISTS", "RECENT"))
+
+    def _forget_news(self) -> None:
+        self._announced = False
+        pending = self._connected()._imap.untagged_responses
+        for kind in ("EXISTS", "RECENT"):
+            pending.pop(kind, None)
 
     def _idle_until(
         self,
@@ -362,7 +382,7 @@ class ImapSource:
             responses = client.idle_check(timeout=wait)
             if any(b"BYE" in _words(r) for r in responses):
                 raise SourceError(f"IMAP server {self._where} ended the session during IDLE")
-            if any(_words(r) & {b"EXISTS", b"RECENT"} for r in responses):
+            if any(_words(r) & NEWS for r in responses):
                 return True
             if not responses and time.monotonic() - started < wait / 2:
                 # Woken with nothing to read: often EOF. Leaving IDLE tells (DONE fails on a
@@ -372,6 +392,7 @@ class ImapSource:
     def uids_after(self, uid: int) -> list[int]:
         """UIDs greater than uid in ascending order, whatever their flags."""
         client = self._connected()
+        self._forget_news()  # this NOOP and SEARCH see whatever they announced
         with self._errors("UID SEARCH"):
             client.noop()  # a selected folder only learns of new mail when it syncs
             found = client.search(["UID", f"{uid + 1}:*"])
@@ -413,7 +434,8 @@ class ImapSource:
         s = self.settings
         ordered = sorted(set(uids))
         with self._errors("marking done"):
-            client.noop()  # make sure the session knows UIDs that arrived after SELECT
+            _, updates = client.noop()  # the session learns of UIDs that arrived after SELECT
+            self._announced |= any(_words(r) & NEWS for r in updates)
             client.add_flags(ordered, [s.done_flag], silent=True)
             if not s.move_to:
                 return

@@ -32,6 +32,9 @@ log = logging.getLogger(__name__)
 QUARANTINE_RETRIES = 3
 _MESSAGE_ID = re.compile(rb"^message-id:[ \t]*(.*(?:\r?\n[ \t].*)*)", re.IGNORECASE | re.MULTILINE)
 _HEADER_END = re.compile(rb"\r?\n\r?\n")
+_THREAD_HEADERS = re.compile(
+    rb"^(?:in-reply-to|references):[ \t]*(.*(?:\r?\n[ \t].*)*)", re.IGNORECASE | re.MULTILINE
+)
 
 
 def message_id_of(raw: bytes) -> str:
@@ -110,10 +113,10 @@ def handle(session: Session, desk: Desk, inbound: Inbound, now: datetime) -> Out
     automatic = _automatic(desk, mail)
     if automatic:
         report = guard.delivery_report(session, desk, inbound, now) if mail.auto else None
-        return Outcome("ignored", report or f"automatic mail: {automatic}")
+        return Outcome("ignored", guard.safe_text(report or f"automatic mail: {automatic}"))
     refused = guard.refused_sender(desk, mail)
     if refused:
-        return Outcome("ignored", refused)
+        return Outcome("ignored", guard.safe_text(refused))
     if tracking.answers_ticketless_mail(session, mail.in_reply_to):
         return Outcome("ignored", "a reply to a digest or report, which belongs to no ticket")
     guard.begin(session, mail, inbound, now)
@@ -199,8 +202,10 @@ def _process_one(desk: Desk, inbound_id: int, now: datetime, last_try: bool = Fa
             if inbound is None:  # PostgreSQL: another daemon holds it
                 return Outcome("busy" if db.is_postgres else "missing")
             logs.bind(msg_id=inbound.message_id)
-            if inbound.state not in ("pending", "quarantined"):
-                return Outcome(inbound.state)
+            if inbound.state not in ("pending", "quarantined"):  # done by another daemon
+                return Outcome("skipped", f"already {inbound.state}")
+            if _answers_pending(session, inbound):
+                return Outcome("deferred", "answers mail still being processed")
             with session.no_autoflush:  # one flush at commit, not one per query (3× faster)
                 outcome = handle(session, desk, inbound, now)
             if outcome.ticket is not None:
@@ -220,6 +225,24 @@ def _process_one(desk: Desk, inbound_id: int, now: datetime, last_try: bool = Fa
     except Exception as exc:  # noqa: BLE001 — a poison message must not stop the others
         return _quarantine(desk, inbound_id, now, exc)
     return outcome
+
+
+def _answers_pending(session: Session, inbound: Inbound) -> bool:
+    """Does this mail answer an earlier one still pending (perhaps in another daemon's
+    hands)? Then it waits, so a reply never opens a ticket of its own beside its original."""
+    end = _HEADER_END.search(inbound.raw)
+    head = inbound.raw[: end.start()] if end else inbound.raw[:65536]
+    refs = {
+        ref.decode("ascii", "replace").strip()[:490]
+        for value in _THREAD_HEADERS.findall(head)
+        for ref in re.findall(rb"<([^<>\s]+)>", value)
+    }
+    if not refs:
+        return False
+    earlier = select(Inbound.id).where(
+        Inbound.message_id.in_(refs), Inbound.state == "pending", Inbound.id < inbound.id
+    )
+    return session.scalar(earlier.limit(1)) is not None
 
 
 def _quarantine(desk: Desk, inbound_id: int, now: datetime, exc: Exception) -> Outcome:
@@ -269,10 +292,13 @@ def process_pending(
             ids = pending_ids(session, clock())
         if not ids:
             return done
+        progress, deferred = 0, 0
         for inbound_id in ids:
             if stop is not None and stop():
                 return done
             outcome = process_one(desk, inbound_id, clock())
-            done += outcome.state in ("processed", "ignored", "quarantined")
-        if len(ids) < 500:
+            progress += outcome.state in ("processed", "ignored", "quarantined")
+            deferred += outcome.state == "deferred"
+        done += progress
+        if len(ids) < 500 and not (deferred and progress):
             return done

@@ -158,3 +158,21 @@ def _status(desk: Desk, capsys) -> dict:
     capsys.readouterr()
     assert main(["--config", str(desk.settings.path), "status", "--json"]) == 0
     return json.loads(capsys.readouterr().out)
+
+
+def test_mail_announced_during_a_poll_is_not_missed_by_the_next_idle(mailbox):
+    """The server says EXISTS once; if it rides on the answer to our NOOP or SEARCH, IDLE
+    will not repeat it, so the source must remember it and ask for a poll."""
+    from mailflow.fetch import ImapSettings, ImapSource
+
+    mailbox.append(make_mail("a@example.test", "第一封", "1"))
+    source = ImapSource(ImapSettings(mailbox.host, mailbox.port, security="none",
+                                     username=mailbox.address, password=mailbox.password))
+    with source:
+        uids = source.uids_after(0)
+        list(source.fetch(uids))
+        mailbox.append(make_mail("b@example.test", "第二封", "2"))  # arrives mid-poll
+        source.mark_done(uids)  # its NOOP carries the EXISTS for the second mail
+        assert source.wait_for_mail(timeout=1.0) is True
+        assert source.uids_after(uids[-1]) == [uids[-1] + 1]
+        assert source.wait_for_mail(timeout=0.3) is False, "nothing new since"
