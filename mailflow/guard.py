@@ -96,7 +96,8 @@ def refused_sender(desk: Desk, mail: ParsedMail) -> str | None:
     """Why mail from this sender is recorded but not acted on; None when it is accepted."""
     address = mail.from_addr
     limits = desk.settings.limits
-    if not _ADDRESS.match(address):
+    local = address.partition("@")[0]
+    if not _ADDRESS.match(address) or len(address) > 254 or len(local) > 64:  # RFC 5321
         return f"sender address {address[:100]!r} is not usable"
     if _listed(address, limits.deny):
         return f"sender {address} is on [limits] deny"
@@ -346,6 +347,11 @@ def lift(session: Session, address: str, now: datetime) -> None:
         session.delete(row)
 
 
+def safe_text(value: str) -> str:
+    """Text safe to store: raw 8-bit bytes a parser left as surrogates become U+FFFD."""
+    return value.encode("utf-8", "surrogateescape").decode("utf-8", "replace")
+
+
 def delivery_report(
     session: Session, desk: Desk, inbound: Inbound, now: datetime
 ) -> str | None:
@@ -356,7 +362,10 @@ def delivery_report(
     bounce = parse_bounce(inbound.raw)
     if bounce is None:
         return None
-    original = bounce.original_message_id
+    original = safe_text(bounce.original_message_id or "") or None
+    for r in bounce.recipients:
+        r.address, r.status = safe_text(r.address), safe_text(r.status)
+        r.diagnostic = safe_text(r.diagnostic)
     row = (
         session.scalar(select(Outbox).where(Outbox.message_id == original)) if original else None
     )

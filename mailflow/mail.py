@@ -305,7 +305,7 @@ def _addresses(values: list[str]) -> list[tuple[str, str]]:
         m = _SIMPLE_ADDR_RE.match(values[0])
         if m:
             name = m.group(1) if m.group(1) is not None else (m.group(2) or "")
-            addr = (m.group(3) or m.group(4)).lower()
+            addr = _fix_raw(m.group(3) or m.group(4)).lower()  # 8-bit bytes: no surrogates
             return [(_WS_RE.sub(" ", decode_header_value(name.strip())).strip(), addr)]
     try:
         pairs = email.utils.getaddresses(values)

@@ -84,7 +84,8 @@ def build(
             part.add_header("Content-Disposition", "attachment", filename=("utf-8", "", filename))
             mixed.attach(part)
         body = mixed
-    body["From"] = formataddr((str(Header(desk.settings.desk.name, "utf-8")), desk.address))
+    name = clean_header(desk.settings.desk.name)
+    body["From"] = formataddr((str(Header(name, "utf-8")), desk.address))
     body["To"] = clean_header(recipient, 320)
     body["Subject"] = Header(clean_header(subject), "utf-8").encode()
     body["Date"] = format_datetime(now)
