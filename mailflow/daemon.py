@@ -16,6 +16,7 @@ import contextlib
 import logging
 import signal
 import threading
+import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from datetime import datetime
@@ -61,6 +62,8 @@ class Daemon:
         self._relay_now = asyncio.Event()
         self._work = asyncio.Event()  # set when a watcher stored mail
         self._halt = threading.Event()  # the stop flag as threads see it
+        self._loop: asyncio.AbstractEventLoop | None = None  # run()'s loop, for threads
+        self._relay_poked = 0.0
         self.watchers: list[watcher.MailboxWatcher] = []
 
     # one pass --------------------------------------------------------------------------
@@ -133,7 +136,16 @@ class Daemon:
                 intake.poll_maildir(self.desk, self.maildir, self.clock)
             except (SourceError, OSError) as exc:
                 log.error("maildir %s: %s", self.maildir.path, exc)
-        return pipeline.process_pending(self.desk, self.clock, stop=self._halt.is_set)
+        return pipeline.process_pending(self.desk, self.clock, stop=self._between_messages)
+
+    def _between_messages(self) -> bool:
+        """Asked by the pipeline between two messages: stop now? Meanwhile, about once a
+        second, let the relay start on what a long backlog has queued so far."""
+        now = time.monotonic()
+        if self._loop is not None and now - self._relay_poked >= 1.0:
+            self._relay_poked = now
+            self._loop.call_soon_threadsafe(self._relay_now.set)
+        return self._halt.is_set()
 
     async def _intake_loop(self) -> None:
         interval = self.desk.settings.desk.poll_interval
@@ -205,7 +217,7 @@ class Daemon:
         self._relay_now = asyncio.Event()
         self._work = asyncio.Event()
         self._halt.clear()
-        loop = asyncio.get_running_loop()
+        self._loop = loop = asyncio.get_running_loop()
         if threading.current_thread() is threading.main_thread():  # else embedded: no signals
             for sig in (signal.SIGTERM, signal.SIGINT):
                 loop.add_signal_handler(sig, self.stop)
