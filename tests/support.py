@@ -60,25 +60,42 @@ def write_config(path: Path, sections: dict[str, dict[str, Any]]) -> Path:
 
 
 def desk_config(
-    tmp: Path, *, mailbox: Any = None, smtp: Any = None, database_url: str | None = None,
+    tmp: Path,
+    *,
+    mailbox: Any = None,
+    smtp: Any = None,
+    database_url: str | None = None,
     **overrides: dict[str, Any],
 ) -> Path:
     """A config for a desk on the test servers (IMAP mailbox, SMTP sink) in tmp."""
     sections: dict[str, dict[str, Any]] = {
-        "desk": {"address": DESK, "name": "IT服务台", "language": "zh-CN",
-                 "timezone": "Asia/Shanghai", "secret": "test-secret", "poll_interval": 0.2},
+        "desk": {
+            "address": DESK,
+            "name": "IT服务台",
+            "language": "zh-CN",
+            "timezone": "Asia/Shanghai",
+            "secret": "test-secret",
+            "poll_interval": 0.2,
+        },
         "database": {"url": database_url or databases.url_for(tmp)},
-        "roles": {**ROLES, "approvers": {"default": ["approver@example.test"]},
-                  "executors": {"default": ["exec@example.test"]}},
+        "roles": {
+            **ROLES,
+            "approvers": {"default": ["approver@example.test"]},
+            "executors": {"default": ["exec@example.test"]},
+        },
         "paths": {"rules": str(REPO / "rules"), "templates": str(REPO / "templates")},
     }
     if mailbox is not None:
-        sections["imap"] = {"host": mailbox.host, "port": mailbox.port, "security": "none",
-                            "username": mailbox.address, "password": mailbox.password,
-                            "timeout": 10}
+        sections["imap"] = {
+            "host": mailbox.host,
+            "port": mailbox.port,
+            "security": "none",
+            "username": mailbox.address,
+            "password": mailbox.password,
+            "timeout": 10,
+        }
     if smtp is not None:
-        sections["smtp"] = {"host": smtp.host, "port": smtp.port, "security": "none",
-                            "timeout": 5}
+        sections["smtp"] = {"host": smtp.host, "port": smtp.port, "security": "none", "timeout": 5}
     else:
         sections["smtp"] = {"host": "", "pickup_dir": str(tmp / "outgoing")}
     for name, table in overrides.items():
@@ -168,8 +185,8 @@ def reply(
     msg = parsed(original)
     message_id = msg["Message-ID"].strip()
     refs = (msg.get("References", "") + " " + message_id).split()
-    new_subject = subject if subject is not None else (
-        prefix + msg["Subject"] if keep_subject else prefix
+    new_subject = (
+        subject if subject is not None else (prefix + msg["Subject"] if keep_subject else prefix)
     )
     text = body
     if quote:
