@@ -720,6 +720,8 @@ def _read(path: Path) -> tuple[Settings | None, list[Problem]]:
     url = r.get("database", "url", str, "sqlite:///var/mailflow.db")
     url_env = r.get("database", "url_env", str, "")
     if url_env:
+        if url_env not in os.environ:
+            r.problem("database.url_env", f"environment variable {url_env} is not set")
         url = os.environ.get(url_env, url)
     settings = Settings(
         path=path.resolve(),

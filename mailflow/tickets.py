@@ -18,15 +18,7 @@ if TYPE_CHECKING:
 
 
 def next_number(session: Session, kind: str) -> int:
-    """The next ticket number for a kind, taken inside the caller's transaction.
-
-    On PostgreSQL it is taken in a short transaction of its own instead, so daemons
-    processing mail side by side do not queue on the counter row until each commits
-    (a number whose mail then fails is skipped: numbers may have gaps there).
-    """
-    bind = session.get_bind()
-    if bind.dialect.name == "postgresql":
-        return _next_number_now(bind, kind)
+    """The next ticket number for a kind, taken inside the caller's transaction."""
     number = session.scalar(
         update(Counter)
         .where(Counter.name == kind)
@@ -38,25 +30,6 @@ def next_number(session: Session, kind: str) -> int:
         session.flush()
         return 1
     return number
-
-
-def _next_number_now(bind: Any, kind: str) -> int:
-    """Increment the counter in its own committed transaction (PostgreSQL)."""
-    from sqlalchemy.dialects.postgresql import insert
-
-    bump = (
-        update(Counter)
-        .where(Counter.name == kind)
-        .values(value=Counter.value + 1)
-        .returning(Counter.value)
-    )
-    engine = getattr(bind, "engine", bind)
-    with engine.begin() as connection:
-        number = connection.scalar(bump)
-        if number is None:  # the kind's first ticket (another daemon may create it too)
-            connection.execute(insert(Counter).values(name=kind, value=0).on_conflict_do_nothing())
-            number = connection.scalar(bump)
-        return int(number)
 
 
 def record(

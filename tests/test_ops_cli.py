@@ -317,3 +317,47 @@ def test_make_desk_and_the_daemon_see_the_same_database(tmp_path):
         assert session.query(Ticket).count() == 1
     first.close()
     second.close()
+
+
+# -- deployment files ---------------------------------------------------------------------------
+
+
+PRODUCTION = REPO / "deploy" / "config.production.toml"
+SECRETS = {"MAILFLOW_DATABASE_URL": "postgresql+psycopg://mailflow:pw@db.example.test/mailflow",
+           "MAILFLOW_IMAP_PASSWORD": "imap-pw", "MAILFLOW_SMTP_PASSWORD": "smtp-pw",
+           "MAILFLOW_SECRET": "c2VjcmV0"}
+
+
+def test_the_production_config_takes_its_secrets_from_the_environment(monkeypatch, capsys):
+    for name in SECRETS:
+        monkeypatch.delenv(name, raising=False)
+    assert main(["--config", str(PRODUCTION), "check"]) == 1
+    out = capsys.readouterr().out
+    for key in ("database.url_env", "imap.password_env", "smtp.password_env", "desk.secret_env"):
+        assert key in out
+    for name, value in SECRETS.items():
+        monkeypatch.setenv(name, value)
+    assert main(["--config", str(PRODUCTION), "check"]) == 0
+    settings = load_config(PRODUCTION)
+    assert settings.database_url == SECRETS["MAILFLOW_DATABASE_URL"]
+    assert (settings.imap.password, settings.smtp.password) == ("imap-pw", "smtp-pw")
+    assert settings.imap.security == "tls" and settings.imap.verify_tls
+    assert settings.smtp.security == "starttls" and settings.smtp.verify_tls
+    assert settings.imap.idle and settings.imap.client_id
+    text = PRODUCTION.read_text(encoding="utf-8")
+    assert not re.search(r'^\s*(password|secret)\s*=\s*"[^"]', text, re.MULTILINE)
+
+
+def test_the_systemd_unit_runs_the_daemon_with_the_right_signals():
+    import configparser
+
+    unit = configparser.ConfigParser(strict=False, interpolation=None)
+    unit.read(REPO / "deploy" / "mailflow.service")
+    service = unit["Service"]
+    assert service["ExecStart"].endswith("mailflow run")
+    assert service["ExecStartPre"].endswith("mailflow check")
+    assert service["ExecReload"] == "/bin/kill -HUP $MAINPID"
+    assert service["KillSignal"] == "SIGTERM"
+    assert service["EnvironmentFile"] == "/etc/mailflow/env"
+    assert service["RestartPreventExitStatus"] == "2"
+    assert int(service["TimeoutStopSec"]) >= 60
