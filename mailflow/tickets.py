@@ -192,6 +192,7 @@ def detail_json(session: Session, ticket: Ticket) -> dict[str, Any]:
                     "text": out.text,
                     "at": _iso(out.created_at),
                     "state": out.state,
+                    "bounce": out.bounce,  # a delivery report on this mail, if one came
                 },
             )
         )

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import base64
 import random
+import re
 from pathlib import Path
 
 FIXTURES = Path(__file__).parent / "fixtures" / "mail"
@@ -148,8 +149,13 @@ def mutate(rng: random.Random, raw: bytes, rounds: int | None = None) -> bytes:
     return bytes(data)
 
 
+def renamed(raw: bytes, n: int) -> bytes:
+    """The mail with a Message-ID of its own, so copies of one fixture are not duplicates."""
+    return re.sub(rb"(?im)^(message-id:[ \t]*<?)", rb"\g<1>fz%d." % n, raw, count=1)
+
+
 def one(rng: random.Random, corpus: list[bytes]) -> tuple[str, bytes]:
     """A generated or a mutated message, half and half, with its kind."""
     if rng.random() < 0.5:
         return "generated", generate(rng)
-    return "mutated", mutate(rng, rng.choice(corpus))
+    return "mutated", mutate(rng, renamed(rng.choice(corpus), rng.randrange(10**9)))

@@ -113,6 +113,8 @@ def test_a_hard_bounce_is_attached_to_its_mail_and_suppresses_the_address(
     assert len(bounced) == 1 and user in bounced[0]["detail"]
     assert "suppressed" in bounced[0]["detail"]
     assert ticket["messages"] == 1, "a bounce is not a message from the requester"
+    out = [i for i in ticket["interactions"] if i["direction"] == "out" and i["to"] == user]
+    assert out[0]["bounce"].startswith("5."), "shown on the mail it reports on"
     with desk.db.sessions() as session:
         row = session.scalar(select(Outbox).where(Outbox.message_id == ack_id))
         assert row.bounce and row.bounce.startswith("5.") and row.bounced_at == clock.now
