@@ -17,6 +17,7 @@ from datetime import datetime, timedelta
 import aiosmtplib
 from sqlalchemy import select, update
 
+from mailflow import exporter, logs
 from mailflow.config import SmtpConfig
 from mailflow.db import Database
 from mailflow.models import Outbox
@@ -80,17 +81,20 @@ def _finish(
     with db.transaction() as session:
         row = session.get(Outbox, row_id)
         assert row is not None
-        row.attempts += 1
-        if error is None:
-            row.state, row.sent_at, row.last_error = "sent", now, None
-        elif permanent or row.attempts >= cfg.max_attempts:
-            row.state, row.last_error = "dead", error
-            log.error("outbox #%s to %s dead: %s", row.id, row.recipient, error)
-        else:
-            row.last_error = error
-            row.next_attempt_at = now + backoff(row.attempts)
-            log.warning("outbox #%s to %s retry later: %s", row.id, row.recipient, error)
-        return row.state
+        with logs.context(msg_id=row.message_id):
+            row.attempts += 1
+            if error is None:
+                row.state, row.sent_at, row.last_error = "sent", now, None
+            elif permanent or row.attempts >= cfg.max_attempts:
+                row.state, row.last_error = "dead", error
+                log.error("outbox #%s to %s dead: %s", row.id, row.recipient, error)
+            else:
+                row.last_error = error
+                row.next_attempt_at = now + backoff(row.attempts)
+                log.warning("outbox #%s to %s retry later: %s", row.id, row.recipient, error)
+        state = row.state
+    exporter.relayed("retry" if state == "queued" else state)
+    return state
 
 
 CLAIM_FOR = timedelta(minutes=10)  # a claimed row is due again after this (relay died)

@@ -50,6 +50,7 @@ def test_a_running_daemon_serves_the_desks_figures(tmp_path, mailbox, smtp, monk
                      digest={"weekly_report": "off", "monthly_report": "off"})
     before = {o: exporter.MESSAGES.labels(o)._value.get() for o in ("processed", "ignored")}
     timed = exporter.PROCESSING._sum.get()
+    relayed = exporter.RELAY.labels("sent")._value.get()
     mailbox.append(make_mail("a@example.test", "打印机卡纸", "卡纸"))
     mailbox.append(make_mail("b@example.test", "自动回复", "休假中",
                              headers={"Auto-Submitted": "auto-replied"}))
@@ -69,6 +70,7 @@ def test_a_running_daemon_serves_the_desks_figures(tmp_path, mailbox, smtp, monk
     assert samples[("mailflow_messages_total", (("outcome", "quarantined"),))] >= 1
     assert samples[("mailflow_processing_seconds_count", ())] >= 3
     assert samples[("mailflow_processing_seconds_sum", ())] > timed
+    assert samples[("mailflow_relay_attempts_total", (("result", "sent"),))] == relayed + 3
     capsys.readouterr()
     assert main(["--config", str(desk.settings.path), "status", "--json"]) == 0
     status = json.loads(capsys.readouterr().out)
