@@ -54,10 +54,13 @@ def smtp() -> Iterator[SmtpSink]:
 
 @pytest.fixture(autouse=True)
 def _fresh_database() -> Iterator[None]:
-    """Drop the PostgreSQL schemas a test's desks used (no-op on SQLite)."""
+    """Drop the PostgreSQL schemas a test's desks used (no-op on SQLite), after ending the
+    `mailflow run` processes a failed test left behind."""
+    import daemons
     import databases
 
     yield
+    daemons.reap()
     stuck = databases.drop_created()
     if stuck:
         pytest.fail(f"could not drop test schema(s) {', '.join(stuck)}", pytrace=False)

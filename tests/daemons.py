@@ -64,18 +64,33 @@ def daemon_thread(desk: Desk, clock: Callable[[], Any] = utcnow) -> Iterator[Dae
         raise errors[0]
 
 
+_started: list[subprocess.Popen[bytes]] = []
+
+
 def mailflow_process(config: Path, *args: str, log: Path | None = None) -> subprocess.Popen[bytes]:
     """`python -m mailflow --config CONFIG run …` with stderr to `log` (or discarded)."""
     env = {**os.environ, "PYTHONUNBUFFERED": "1"}
     stderr = log.open("ab") if log is not None else subprocess.DEVNULL
     try:
-        return subprocess.Popen(
+        process = subprocess.Popen(
             [sys.executable, "-m", "mailflow", "--config", str(config), "run", *args],
             stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL, stderr=stderr, env=env,
         )
     finally:
         if log is not None:
             stderr.close()  # type: ignore[union-attr]
+    _started.append(process)
+    return process
+
+
+def reap() -> list[int]:
+    """Kill the daemons a test started and left running (it failed early); their pids."""
+    left = [p for p in _started if p.poll() is None]
+    for process in left:
+        process.kill()
+        process.wait(10)
+    _started.clear()
+    return [p.pid for p in left]
 
 
 def terminate(process: subprocess.Popen[bytes], timeout: float = 60) -> int:

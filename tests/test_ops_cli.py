@@ -186,13 +186,12 @@ def test_an_unknown_log_format_is_a_config_problem(tmp_path, capsys):
 
 
 def backlog(box: Mailbox, count: int) -> list[str]:
+    ids = [f"backlog-{n}@example.test" for n in range(count)]
     client = box.client()
-    ids = []
-    for n in range(count):
-        mid = f"backlog-{n}@example.test"
-        client.append("INBOX", make_mail(f"user{n}@example.test", f"电脑蓝屏 {n}", "开机蓝屏",
-                                         message_id=f"<{mid}>"))
-        ids.append(mid)
+    client.multiappend("INBOX", [
+        make_mail(f"user{n}@example.test", f"电脑蓝屏 {n}", "开机蓝屏", message_id=f"<{mid}>")
+        for n, mid in enumerate(ids)
+    ])
     client.logout()
     return ids
 

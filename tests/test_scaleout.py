@@ -136,16 +136,17 @@ def test_an_outbox_row_claimed_by_one_relay_is_not_sent_by_another(desk, clock):
 
 
 def append_many(box: Mailbox, count: int, prefix: str = "") -> list[str]:
-    """APPEND `count` distinct new mails over one connection; returns their Message-IDs."""
-    ids = []
+    """Store `count` distinct new mails in the mailbox; returns their Message-IDs."""
+    ids = [f"scale-{prefix}{n}@example.test" for n in range(count)]
+    mails = [
+        make_mail(f"user{prefix}{n}@example.test", f"{prefix}电脑问题 {n}",
+                  f"第 {n} 台电脑开机后蓝屏。", message_id=f"<{mid}>")
+        for n, mid in enumerate(ids)
+    ]
     client = box.client()
     try:
-        for n in range(count):
-            raw = make_mail(f"user{prefix}{n}@example.test", f"{prefix}电脑问题 {n}",
-                            f"第 {n} 台电脑开机后蓝屏。",
-                            message_id=f"<scale-{prefix}{n}@example.test>")
-            client.append("INBOX", raw)
-            ids.append(f"scale-{prefix}{n}@example.test")
+        for start in range(0, count, 100):  # MULTIAPPEND: one command per 100 mails
+            client.multiappend("INBOX", mails[start : start + 100])
     finally:
         client.logout()
     return ids
