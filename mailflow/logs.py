@@ -148,6 +148,7 @@ def setup(level: str | int = logging.INFO, fmt: str = "text") -> None:
     the config is read) it changes the level and format in place.
     """
     root = logging.getLogger()
+    logging.getLogger("alembic").setLevel(logging.WARNING)  # schema checks on every start
     handler = next((h for h in root.handlers if h.get_name() == _HANDLER_NAME), None)
     if handler is None:
         if root.handlers:
