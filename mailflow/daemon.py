@@ -122,12 +122,12 @@ class Daemon:
         self._work.set()
 
     def reload(self) -> None:
-        """SIGHUP: load rules/ again; a broken set is refused and the old one kept."""
-        problems = self.desk.reload_rules()
+        """SIGHUP: read config.toml, rules/ and templates again; on a problem keep what runs."""
+        problems = self.desk.reload_config()
         if problems:
-            log.error("SIGHUP: rules not reloaded: %s", "; ".join(problems))
+            log.error("SIGHUP: configuration not reloaded: %s", "; ".join(problems))
         else:
-            log.info("SIGHUP: rules reloaded (%d rules)", len(self.desk.rules))
+            log.info("SIGHUP: configuration reloaded (%d rules)", len(self.desk.rules))
 
     def _process_pass(self) -> int:
         """Maildir intake, then every pending message (IMAP mail comes from the watchers)."""

@@ -71,15 +71,10 @@ class Desk:
 
     def calendar(self, priority: str) -> sla.Calendar:
         """The clock a priority's SLA runs on (24x7 or business hours with holidays)."""
-        target = self.target(priority)
-        hours = (
-            None if target.calendar == "24x7" else sla.parse_hours(list(self.settings.sla.hours))
-        )
-        return sla.Calendar(self.settings.desk.tz, hours, self.settings.sla.holidays)
+        return self._calendars["24x7" if self.target(priority).calendar == "24x7" else "business"]
 
     def business_calendar(self) -> sla.Calendar:
-        hours = sla.parse_hours(list(self.settings.sla.hours))
-        return sla.Calendar(self.settings.desk.tz, hours, self.settings.sla.holidays)
+        return self._calendars["business"]
 
     def target(self, priority: str) -> SlaTarget:
         return self.settings.sla.targets.get(priority) or self.settings.sla.targets["P3"]

@@ -1,6 +1,6 @@
 """What an operator runs: `mailflow status` per the contract, `requeue` and `resend` after a
 fix, structured logs, and the daemon's signals — SIGTERM mid-backlog loses and doubles
-nothing, SIGHUP reloads rules/."""
+nothing, SIGHUP reloads the configuration and rules/."""
 
 from __future__ import annotations
 
@@ -286,14 +286,14 @@ def test_sighup_reloads_rules_and_keeps_them_when_the_new_set_is_broken(
 
         (rules / "05-xyz.toml").write_text(RULE, encoding="utf-8")
         daemon.send_signal(signal.SIGHUP)
-        eventually(lambda: "SIGHUP: rules reloaded" in log.read_text(), what="the reload")
+        eventually(lambda: "SIGHUP: configuration reloaded" in log.read_text(), what="the reload")
         mailbox.append(make_mail("x@example.test", "XYZ 报错 2", "XYZ 系统报错"))
         eventually(lambda: category_of(desk, "XYZ 报错 2"), timeout=60, what="second ticket")
         assert category_of(desk, "XYZ 报错 2") == "xyz"
 
         (rules / "06-broken.toml").write_text("[match\n", encoding="utf-8")
         daemon.send_signal(signal.SIGHUP)
-        eventually(lambda: "SIGHUP: rules not reloaded" in log.read_text(), what="the refusal")
+        eventually(lambda: "SIGHUP: configuration not reloaded" in log.read_text(), what="the refusal")
         mailbox.append(make_mail("x@example.test", "XYZ 报错 3", "XYZ 系统报错"))
         eventually(lambda: category_of(desk, "XYZ 报错 3"), timeout=60, what="third ticket")
         assert category_of(desk, "XYZ 报错 3") == "xyz", "the last good rules stay"
