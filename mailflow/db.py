@@ -38,6 +38,8 @@ def make_engine(url: str) -> Engine:
     engine = create_engine(url, pool_pre_ping=not url.startswith("sqlite"))
     if engine.dialect.name == "sqlite":
         event.listen(engine, "connect", _sqlite_pragmas)
+    if engine.dialect.name == "postgresql":
+        event.listen(engine, "before_cursor_execute", _no_nul_characters, retval=True)
     return engine
 
 
@@ -51,6 +53,23 @@ def migrate(engine: Engine) -> None:
             connection.exec_driver_sql("SELECT pg_advisory_xact_lock(727001)")
         cfg.attributes["connection"] = connection
         command.upgrade(cfg, "head")
+
+
+def _no_nul(value: Any) -> Any:
+    return value.replace("\x00", "\ufffd") if isinstance(value, str) else value
+
+
+def _no_nul_characters(
+    _conn: Any, _cursor: Any, statement: str, parameters: Any, _context: Any, _many: bool
+) -> tuple[str, Any]:
+    """PostgreSQL text cannot hold NUL (SQLite can): a mail carrying one (broken mailers,
+    hostile mail) is stored and looked up with U+FFFD instead of failing."""
+    if isinstance(parameters, dict):
+        if any(isinstance(v, str) and "\x00" in v for v in parameters.values()):
+            parameters = {k: _no_nul(v) for k, v in parameters.items()}
+    elif isinstance(parameters, list | tuple) and parameters and isinstance(parameters[0], dict):
+        parameters = [{k: _no_nul(v) for k, v in row.items()} for row in parameters]
+    return statement, parameters
 
 
 class Database:

@@ -17,7 +17,7 @@ from dataclasses import dataclass
 from datetime import datetime, timedelta
 
 from sqlalchemy import select, update
-from sqlalchemy.exc import IntegrityError, SQLAlchemyError
+from sqlalchemy.exc import DataError, IntegrityError, SQLAlchemyError
 from sqlalchemy.orm import Session
 
 from mailflow import approvals, exporter, guard, incidents, logs, requests, tracking
@@ -32,6 +32,7 @@ log = logging.getLogger(__name__)
 QUARANTINE_RETRIES = 3
 _MESSAGE_ID = re.compile(rb"^message-id:[ \t]*(.*(?:\r?\n[ \t].*)*)", re.IGNORECASE | re.MULTILINE)
 _HEADER_END = re.compile(rb"\r?\n\r?\n")
+_CONTROLS = re.compile(r"[\x00-\x1f\x7f]")
 _THREAD_HEADERS = re.compile(
     rb"^(?:in-reply-to|references):[ \t]*(.*(?:\r?\n[ \t].*)*)", re.IGNORECASE | re.MULTILINE
 )
@@ -44,6 +45,7 @@ def message_id_of(raw: bytes) -> str:
     match = _MESSAGE_ID.search(head)
     if match:
         value = b" ".join(match.group(1).split()).decode("ascii", "replace").strip()
+        value = _CONTROLS.sub("", value)  # never valid in a Message-ID; NUL breaks PostgreSQL
         value = value.strip("<>").strip() if value.count("<") <= 1 else value
         inner = re.search(r"<([^<>]+)>", value)
         value = inner.group(1).strip() if inner else value
@@ -220,6 +222,8 @@ def _process_one(desk: Desk, inbound_id: int, now: datetime, last_try: bool = Fa
             log.warning("conflict with a concurrent transaction, trying again: %s", exc.orig)
             return Outcome("conflict", str(exc.orig)[:200])
         return _quarantine(desk, inbound_id, now, exc)
+    except DataError as exc:  # this mail's data cannot be stored: retrying will not help
+        return _quarantine(desk, inbound_id, now, exc)
     except SQLAlchemyError:
         raise  # the database itself failed: the row stays as it was, retried later
     except Exception as exc:  # noqa: BLE001 — a poison message must not stop the others
@@ -235,7 +239,7 @@ def _answers_pending(session: Session, inbound: Inbound) -> bool:
     refs = {
         ref.decode("ascii", "replace").strip()[:490]
         for value in _THREAD_HEADERS.findall(head)
-        for ref in re.findall(rb"<([^<>\s]+)>", value)
+        for ref in re.findall(rb"<([^<>\s\x00-\x1f\x7f]+)>", value)
     }
     if not refs:
         return False

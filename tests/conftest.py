@@ -52,16 +52,27 @@ def smtp() -> Iterator[SmtpSink]:
 # -- the database: SQLite, or a fresh PostgreSQL schema per test (tests/databases.py) ---
 
 
-@pytest.fixture(autouse=True)
-def _fresh_database() -> Iterator[None]:
-    """Drop the PostgreSQL schemas a test's desks used (no-op on SQLite), after ending the
-    `mailflow run` processes a failed test left behind."""
-    import daemons
+@pytest.fixture(autouse=True, scope="session")
+def _databases_left() -> Iterator[None]:
+    """At the end of the run, drop the schemas of module- and session-scoped desks."""
     import databases
 
     yield
+    databases.drop_created()
+
+
+@pytest.fixture(autouse=True)
+def _fresh_database(_databases_left: None) -> Iterator[None]:
+    """Drop the PostgreSQL schemas the test's own desks used (no-op on SQLite), after ending
+    the `mailflow run` processes a failed test left behind. Desks of wider-scoped fixtures,
+    set up before this, keep theirs."""
+    import daemons
+    import databases
+
+    wider = databases.created()
+    yield
     daemons.reap()
-    stuck = databases.drop_created()
+    stuck = databases.drop_created(keep=wider)
     if stuck:
         pytest.fail(f"could not drop test schema(s) {', '.join(stuck)}", pytrace=False)
 

@@ -3,7 +3,8 @@
 Set MAILFLOW_TEST_DATABASE to a PostgreSQL URL (e.g.
 ``postgresql+psycopg://postgres@127.0.0.1:5432/test``) and every desk built by
 ``support.desk_config`` gets a fresh schema of that database: one per test directory,
-created on first use and dropped after the test (conftest.py). The schema is selected with
+created on first use and dropped when the test that made it ends — or, for a module- or
+session-scoped fixture's desk, at the end of the run (conftest.py). The schema is selected with
 the connection's ``search_path`` and named in ``application_name`` too, so leftover
 connections — a daemon subprocess, a desk a test did not close — can be found and ended
 before the drop. Without the variable, a desk's database is ``tmp/mailflow.db``.
@@ -47,13 +48,19 @@ def schema_url(base: str, schema: str) -> str:
     return url.render_as_string(hide_password=False)
 
 
-def drop_created() -> list[str]:
-    """Drop every schema made since the last call; returns the names of those that stuck."""
+def created() -> set[str]:
+    """The schemas made so far and not dropped."""
+    return set(_created)
+
+
+def drop_created(keep: set[str] | frozenset[str] = frozenset()) -> list[str]:
+    """Drop the schemas made and not dropped yet, but those in `keep`; returns the names of
+    those that could not be dropped."""
     base = configured()
-    if base is None or not _created:
+    if base is None or not _created - keep:
         return []
     stuck = []
-    for schema in sorted(_created):
+    for schema in sorted(_created - keep):
         try:
             _execute(
                 base,
@@ -63,7 +70,7 @@ def drop_created() -> list[str]:
             )
         except Exception:  # noqa: BLE001 — reported by the caller, never hides a test result
             stuck.append(schema)
-    _created.clear()
+        _created.discard(schema)
     return stuck
 
 

@@ -270,3 +270,19 @@ def test_a_reply_waits_for_its_original_still_being_processed(desk, mailbox, clo
     with desk.db.sessions() as session:
         assert session.query(Ticket).count() == 1
         assert session.get(Inbound, second).ticket_id == session.get(Inbound, first).ticket_id
+
+
+def test_mail_with_nul_characters_is_processed_on_every_database(desk, clock):
+    """PostgreSQL text cannot hold NUL, SQLite can: such mail (a broken mailer) must still
+    become a ticket on both, never stop the desk."""
+    from mailflow.intake import ingest_bytes
+
+    raw = (b"From: A\x00B <a\x00b@example.test>\r\nTo: itsm@example.test\r\n"
+           b"Subject: \xe6\x89\x93\x00\xe5\x8d\xb0\r\nMessage-ID: <n\x00ul@example.test>\r\n\r\n"
+           b"bo\x00dy\r\n")
+    inbound_id = ingest_bytes(desk, raw, clock())
+    assert pipeline.process_one(desk, inbound_id, clock()).state == "processed"
+    with desk.db.sessions() as session:
+        row = session.get(Inbound, inbound_id)
+        assert row.message_id == "nul@example.test"
+        assert session.query(Ticket).count() == 1
