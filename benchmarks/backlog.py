@@ -21,6 +21,7 @@ from pathlib import Path
 HERE = Path(__file__).resolve().parent
 sys.path[:0] = [str(HERE), str(HERE.parent / "tests")]
 
+import databases  # noqa: E402
 from aiosmtpd.controller import Controller  # noqa: E402
 from daemons import mailflow_process, terminate  # noqa: E402
 from maildata import generate  # noqa: E402
@@ -84,6 +85,16 @@ def progress(desk: Desk) -> tuple[int, int, int, int]:
     return stored, done, queued, sent
 
 
+def private_schema(url: str | None, schema: str) -> str | None:
+    """A PostgreSQL URL gets a schema of its own (made afresh, dropped at the end)."""
+    if not url or not url.startswith("postgresql"):
+        return url
+    databases._execute(
+        url, f'DROP SCHEMA IF EXISTS "{schema}" CASCADE', f'CREATE SCHEMA "{schema}"'
+    )
+    return databases.schema_url(url, schema)
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--n", type=int, default=50_000)
@@ -100,8 +111,9 @@ def main() -> None:
         server.add_user(box.address, box.password)
         print(f"filling the mailbox with {args.n} mails", flush=True)
         print(f"  took {fill(box, args.n):.0f} s", flush=True)
+        database = private_schema(args.database, "bench_backlog")
         config = desk_config(
-            work, mailbox=box, smtp=sink, database_url=args.database,
+            work, mailbox=box, smtp=sink, database_url=database,
             desk={"poll_interval": 5.0},
             digest={"weekly_report": "off", "monthly_report": "off"},
             log={"format": "logfmt", "level": "WARNING"},
@@ -137,6 +149,8 @@ def main() -> None:
               f"max {max(tail):.1f} MB, last {samples[-1]:.1f} MB")
         desk.close()
     finally:
+        if args.database and args.database.startswith("postgresql"):
+            databases._execute(args.database, 'DROP SCHEMA IF EXISTS "bench_backlog" CASCADE')
         sink.stop()
         server.stop()
         shutil.rmtree(server.root, ignore_errors=True)

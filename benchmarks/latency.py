@@ -24,6 +24,7 @@ from pathlib import Path
 HERE = Path(__file__).resolve().parent
 sys.path[:0] = [str(HERE), str(HERE.parent / "tests")]
 
+import databases  # noqa: E402
 from aiosmtpd.controller import Controller  # noqa: E402
 from daemons import eventually, mailflow_process, terminate  # noqa: E402
 from servers import Dovecot, Mailbox, free_port  # noqa: E402
@@ -73,6 +74,16 @@ def processed_at(desk: Desk, message_id: str) -> datetime | None:
         return s.scalar(select(Inbound.processed_at).where(Inbound.message_id == message_id))
 
 
+def private_schema(url: str | None, schema: str) -> str | None:
+    """A PostgreSQL URL gets a schema of its own (made afresh, dropped at the end)."""
+    if not url or not url.startswith("postgresql"):
+        return url
+    databases._execute(
+        url, f'DROP SCHEMA IF EXISTS "{schema}" CASCADE', f'CREATE SCHEMA "{schema}"'
+    )
+    return databases.schema_url(url, schema)
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--n", type=int, default=50)
@@ -89,8 +100,9 @@ def main() -> None:
         box = Mailbox(server, "desk@example.test")
         server.add_user(box.address, box.password)
         idle = args.mode == "idle"
+        database = private_schema(args.database, "bench_latency")
         config = desk_config(
-            work, mailbox=box, smtp=sink, database_url=args.database,
+            work, mailbox=box, smtp=sink, database_url=database,
             desk={"poll_interval": 3600.0 if idle else args.poll_interval},
             imap={"idle": idle},
             digest={"weekly_report": "off", "monthly_report": "off"},
@@ -125,6 +137,8 @@ def main() -> None:
         print(summary("arrival -> acknowledgement", to_ack))
         desk.close()
     finally:
+        if args.database and args.database.startswith("postgresql"):
+            databases._execute(args.database, 'DROP SCHEMA IF EXISTS "bench_latency" CASCADE')
         sink.stop()
         server.stop()
         shutil.rmtree(server.root, ignore_errors=True)
