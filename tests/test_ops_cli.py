@@ -69,8 +69,14 @@ def test_every_fetched_mail_is_in_exactly_one_of_the_four_states(
     first = make_mail("a@example.test", "打印机卡纸", "三楼打印机")
     mailbox.append(first)
     mailbox.append(first)  # the same mail twice (e.g. To and Cc): the copy is ignored
-    mailbox.append(make_mail("b@example.test", "自动回复: 休假", "我在休假",
-                             headers={"Auto-Submitted": "auto-replied"}))
+    mailbox.append(
+        make_mail(
+            "b@example.test",
+            "自动回复: 休假",
+            "我在休假",
+            headers={"Auto-Submitted": "auto-replied"},
+        )
+    )
     mailbox.append(make_mail("c@example.test", "POISON 蓝屏", "蓝屏"))
     daemon.run_once()
     mailbox.append(make_mail("d@example.test", "VPN 连不上", "809"))
@@ -120,7 +126,11 @@ def test_requeue_takes_the_named_quarantined_mail_back_after_a_fix(
     assert cli(desk.settings.path, capsys, "requeue")[1].strip() == "requeued 1 message(s)"
     Daemon(desk, clock).run_once()
     assert status(desk, capsys)["inbound"] == {
-        "processed": 2, "ignored": 0, "quarantined": 0, "pending": 0}
+        "processed": 2,
+        "ignored": 0,
+        "quarantined": 0,
+        "pending": 0,
+    }
     assert cli(desk.settings.path, capsys, "requeue")[1].strip() == "requeued 0 message(s)"
 
 
@@ -141,21 +151,34 @@ def test_resend_queues_dead_mail_again(desk, mailbox, smtp, clock, capsys):
 
 
 def run_once_logged(tmp_path: Path, mailbox: Mailbox, fmt: str) -> list[str]:
-    config = desk_config(tmp_path, mailbox=mailbox, log={"format": fmt},
-                         digest={"weekly_report": "off", "monthly_report": "off"})
+    config = desk_config(
+        tmp_path,
+        mailbox=mailbox,
+        log={"format": fmt},
+        digest={"weekly_report": "off", "monthly_report": "off"},
+    )
     process = mailflow_process(config, "--once", log=tmp_path / "run.log")
     assert process.wait(120) == 0
     return (tmp_path / "run.log").read_text(encoding="utf-8").splitlines()
 
 
 def test_json_logs_carry_the_message_id_and_ticket_on_every_line(tmp_path, mailbox):
-    mailbox.append(make_mail("g@example.test", "打印机卡纸", "卡纸",
-                             message_id="<log-1@example.test>"))
-    mailbox.append(make_mail("h@example.test", "POISON", "x", message_id="<log-2@example.test>",
-                             headers={"Auto-Submitted": "auto-replied"}))
+    mailbox.append(
+        make_mail("g@example.test", "打印机卡纸", "卡纸", message_id="<log-1@example.test>")
+    )
+    mailbox.append(
+        make_mail(
+            "h@example.test",
+            "POISON",
+            "x",
+            message_id="<log-2@example.test>",
+            headers={"Auto-Submitted": "auto-replied"},
+        )
+    )
     records = [json.loads(line) for line in run_once_logged(tmp_path, mailbox, "json")]
-    assert records and all({"ts", "level", "logger", "msg_id", "ticket", "msg"} <= set(r)
-                           for r in records)
+    assert records and all(
+        {"ts", "level", "logger", "msg_id", "ticket", "msg"} <= set(r) for r in records
+    )
     about_mail = [r for r in records if r["logger"] == "mailflow.pipeline"]
     assert {(r["msg_id"], r["ticket"], r["msg"][:23]) for r in about_mail} == {
         ("log-1@example.test", "INC-1", "processed"),
@@ -165,15 +188,17 @@ def test_json_logs_carry_the_message_id_and_ticket_on_every_line(tmp_path, mailb
 
 
 def test_logfmt_logs_are_key_value_pairs(tmp_path, mailbox):
-    mailbox.append(make_mail("g@example.test", "打印机卡纸", "卡纸",
-                             message_id="<log-3@example.test>"))
+    mailbox.append(
+        make_mail("g@example.test", "打印机卡纸", "卡纸", message_id="<log-3@example.test>")
+    )
     lines = run_once_logged(tmp_path, mailbox, "logfmt")
     pair = re.compile(r'(\w+)=("(?:[^"\\]|\\.)*"|\S*)')
     parsed = [dict(pair.findall(line)) for line in lines]
     assert all({"ts", "level", "logger", "msg_id", "ticket", "msg"} <= set(p) for p in parsed)
     processed = [p for p in parsed if p["logger"] == "mailflow.pipeline"]
     assert [(p["msg_id"], p["ticket"], p["msg"]) for p in processed] == [
-        ("log-3@example.test", "INC-1", "processed")]
+        ("log-3@example.test", "INC-1", "processed")
+    ]
 
 
 def test_an_unknown_log_format_is_a_config_problem(tmp_path, capsys):
@@ -188,10 +213,13 @@ def test_an_unknown_log_format_is_a_config_problem(tmp_path, capsys):
 def backlog(box: Mailbox, count: int) -> list[str]:
     ids = [f"backlog-{n}@example.test" for n in range(count)]
     client = box.client()
-    client.multiappend("INBOX", [
-        make_mail(f"user{n}@example.test", f"电脑蓝屏 {n}", "开机蓝屏", message_id=f"<{mid}>")
-        for n, mid in enumerate(ids)
-    ])
+    client.multiappend(
+        "INBOX",
+        [
+            make_mail(f"user{n}@example.test", f"电脑蓝屏 {n}", "开机蓝屏", message_id=f"<{mid}>")
+            for n, mid in enumerate(ids)
+        ],
+    )
     client.logout()
     return ids
 
@@ -203,8 +231,12 @@ def processed(desk: Desk) -> int:
 
 def test_sigterm_mid_backlog_then_restart_loses_and_doubles_nothing(tmp_path, mailbox, smtp):
     ids = backlog(mailbox, 300)
-    config = desk_config(tmp_path, mailbox=mailbox, smtp=smtp,
-                         digest={"weekly_report": "off", "monthly_report": "off"})
+    config = desk_config(
+        tmp_path,
+        mailbox=mailbox,
+        smtp=smtp,
+        digest={"weekly_report": "off", "monthly_report": "off"},
+    )
     desk = Desk(load_config(config))
     daemon = mailflow_process(config, log=tmp_path / "first.log")
     try:
@@ -274,8 +306,13 @@ def test_sighup_reloads_rules_and_keeps_them_when_the_new_set_is_broken(
 ):
     rules = tmp_path / "rules"
     shutil.copytree(REPO / "rules", rules)
-    config = desk_config(tmp_path, mailbox=mailbox, smtp=smtp, paths={"rules": str(rules)},
-                         digest={"weekly_report": "off", "monthly_report": "off"})
+    config = desk_config(
+        tmp_path,
+        mailbox=mailbox,
+        smtp=smtp,
+        paths={"rules": str(rules)},
+        digest={"weekly_report": "off", "monthly_report": "off"},
+    )
     desk = Desk(load_config(config))
     log = tmp_path / "daemon.log"
     daemon = mailflow_process(config, log=log)
@@ -293,7 +330,9 @@ def test_sighup_reloads_rules_and_keeps_them_when_the_new_set_is_broken(
 
         (rules / "06-broken.toml").write_text("[match\n", encoding="utf-8")
         daemon.send_signal(signal.SIGHUP)
-        eventually(lambda: "SIGHUP: configuration not reloaded" in log.read_text(), what="the refusal")
+        eventually(
+            lambda: "SIGHUP: configuration not reloaded" in log.read_text(), what="the refusal"
+        )
         mailbox.append(make_mail("x@example.test", "XYZ 报错 3", "XYZ 系统报错"))
         eventually(lambda: category_of(desk, "XYZ 报错 3"), timeout=60, what="third ticket")
         assert category_of(desk, "XYZ 报错 3") == "xyz", "the last good rules stay"
@@ -308,10 +347,20 @@ def test_make_desk_and_the_daemon_see_the_same_database(tmp_path):
     first = make_desk(tmp_path)
     second = Desk(load_config(first.settings.path))
     with first.db.transaction() as session:
-        session.add(Ticket(kind="incident", number=1, status="open", priority="P3",
-                           category="other", rule="t", requester="a@example.test",
-                           subject="s", created_at=datetime.now().astimezone(),
-                           updated_at=datetime.now().astimezone()))
+        session.add(
+            Ticket(
+                kind="incident",
+                number=1,
+                status="open",
+                priority="P3",
+                category="other",
+                rule="t",
+                requester="a@example.test",
+                subject="s",
+                created_at=datetime.now().astimezone(),
+                updated_at=datetime.now().astimezone(),
+            )
+        )
     with second.db.sessions() as session:
         assert session.query(Ticket).count() == 1
     first.close()
@@ -322,9 +371,12 @@ def test_make_desk_and_the_daemon_see_the_same_database(tmp_path):
 
 
 PRODUCTION = REPO / "deploy" / "config.production.toml"
-SECRETS = {"MAILFLOW_DATABASE_URL": "postgresql+psycopg://mailflow:pw@db.example.test/mailflow",
-           "MAILFLOW_IMAP_PASSWORD": "imap-pw", "MAILFLOW_SMTP_PASSWORD": "smtp-pw",
-           "MAILFLOW_SECRET": "c2VjcmV0"}
+SECRETS = {
+    "MAILFLOW_DATABASE_URL": "postgresql+psycopg://mailflow:pw@db.example.test/mailflow",
+    "MAILFLOW_IMAP_PASSWORD": "imap-pw",
+    "MAILFLOW_SMTP_PASSWORD": "smtp-pw",
+    "MAILFLOW_SECRET": "c2VjcmV0",
+}
 
 
 def test_the_production_config_takes_its_secrets_from_the_environment(monkeypatch, capsys):
