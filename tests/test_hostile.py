@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import base64
 import email
+import email.utils
 import hashlib
 import json
 import random
@@ -38,9 +39,20 @@ from mailflow.pipeline import message_id_of
 CORPUS = fixtures()
 EXAMPLES = 1000  # per strategy below: 3,000 messages through parse and the pipeline
 OUTGOING_HEADERS = {
-    "from", "to", "subject", "date", "message-id", "in-reply-to", "references", "reply-to",
-    "auto-submitted", "x-auto-response-suppress", "x-mailflow", "content-type",
-    "mime-version", "content-transfer-encoding",
+    "from",
+    "to",
+    "subject",
+    "date",
+    "message-id",
+    "in-reply-to",
+    "references",
+    "reply-to",
+    "auto-submitted",
+    "x-auto-response-suppress",
+    "x-mailflow",
+    "content-type",
+    "mime-version",
+    "content-transfer-encoding",
 }
 NOW = datetime(2026, 11, 24, 2, 0, tzinfo=UTC)
 
@@ -95,9 +107,14 @@ def through_pipeline(desk: Desk, raw: bytes) -> None:
 
 
 PROPERTY = settings(
-    max_examples=EXAMPLES, deadline=None, database=None,
-    suppress_health_check=[HealthCheck.too_slow, HealthCheck.function_scoped_fixture,
-                           HealthCheck.data_too_large],
+    max_examples=EXAMPLES,
+    deadline=None,
+    database=None,
+    suppress_health_check=[
+        HealthCheck.too_slow,
+        HealthCheck.function_scoped_fixture,
+        HealthCheck.data_too_large,
+    ],
 )
 
 
@@ -108,8 +125,7 @@ def test_generated_mail_never_escapes(fuzz_desk, rng):
 
 
 @PROPERTY
-@given(rng=st.randoms(use_true_random=False), base=st.sampled_from(CORPUS),
-       n=st.integers(0, 10**9))
+@given(rng=st.randoms(use_true_random=False), base=st.sampled_from(CORPUS), n=st.integers(0, 10**9))
 def test_mutated_real_mail_never_escapes(fuzz_desk, rng, base, n):
     through_pipeline(fuzz_desk, mutate(rng, renamed(base, n)))
 
@@ -134,10 +150,25 @@ def test_hostile_mail_over_the_real_servers(desk, mailbox, smtp, clock, capsys):
     finally:
         client.logout()
     roles = desk.settings.roles
-    staff = {a for key in ("service_desk", "service_desk_lead", "l2", "l3", "incident_manager",
-                           "post_lead", "problem_manager") for a in getattr(roles, key)}
-    staff |= {a for group in (roles.approvers, roles.executors) for people in group.values()
-              for a in people}
+    staff = {
+        a
+        for key in (
+            "service_desk",
+            "service_desk_lead",
+            "l2",
+            "l3",
+            "incident_manager",
+            "post_lead",
+            "problem_manager",
+        )
+        for a in getattr(roles, key)
+    }
+    staff |= {
+        a
+        for group in (roles.approvers, roles.executors)
+        for people in group.values()
+        for a in people
+    }
     result = run_once(desk, clock)
     assert result.errors == []
     status = cli_json(desk, capsys, "status")
@@ -161,19 +192,31 @@ def with_attachments(sender: str, subject: str, files: list[tuple[str, int]]) ->
     msg["Message-ID"] = f"<{subject.encode().hex()[:20]}.{len(files)}@example.test>"
     msg.set_content("附件见邮件 / see the attachments")
     for name, size in files:
-        msg.add_attachment(random.Random(size).randbytes(size), maintype="application",
-                           subtype="octet-stream", filename=name)
+        msg.add_attachment(
+            random.Random(size).randbytes(size),
+            maintype="application",
+            subtype="octet-stream",
+            filename=name,
+        )
     return msg.as_bytes()
 
 
 def test_oversize_mail_becomes_a_ticket_that_says_what_was_left_out(
     tmp_path, mailbox, smtp, clock, capsys
 ):
-    desk = make_desk(tmp_path, mailbox=mailbox, smtp=smtp, limits={
-        "max_message_bytes": 400_000, "max_attachment_bytes": 50_000, "max_attachments": 2,
-    })
-    mailbox.append(with_attachments("a@example.test", "很多附件", [(f"log{i}.txt", 2000)
-                                                             for i in range(5)]))
+    desk = make_desk(
+        tmp_path,
+        mailbox=mailbox,
+        smtp=smtp,
+        limits={
+            "max_message_bytes": 400_000,
+            "max_attachment_bytes": 50_000,
+            "max_attachments": 2,
+        },
+    )
+    mailbox.append(
+        with_attachments("a@example.test", "很多附件", [(f"log{i}.txt", 2000) for i in range(5)])
+    )
     mailbox.append(with_attachments("b@example.test", "一个大附件", [("dump.bin", 80_000)]))
     mailbox.append(with_attachments("c@example.test", "超大邮件", [("disk.img", 350_000)]))
     mailbox.append(with_attachments("d@example.test", "巨大邮件", [("all.zip", 2_000_000)]))
@@ -192,16 +235,20 @@ def test_oversize_mail_becomes_a_ticket_that_says_what_was_left_out(
         assert len(omitted) == 1 and phrase in omitted[0], (user, omitted)
         ack = body_of(sent_to(smtp, user)[0].content)
         assert "未收录 / Left out" in ack and phrase in ack
-        notices = [m for m in sent_to(smtp, "desk1@example.test")
-                   if tickets[user]["ref"] in parsed(m.content)["Subject"]]
+        notices = [
+            m
+            for m in sent_to(smtp, "desk1@example.test")
+            if tickets[user]["ref"] in parsed(m.content)["Subject"]
+        ]
         assert phrase in body_of(notices[0].content), "the L1 notice says it too"
     assert "disk.img (" in body_of(sent_to(smtp, "c@example.test")[0].content)
 
     # A reply with too big an attachment: recorded on the ticket and in its text.
     ack = sent_to(smtp, "a@example.test")[0].content
     big_reply = with_attachments("a@example.test", "Re: x", [("more.bin", 90_000)])
-    big_reply = big_reply.replace(b"Subject: Re: x", b"Subject: " + parsed(ack)["Subject"]
-                                  .encode("utf-8"))
+    big_reply = big_reply.replace(
+        b"Subject: Re: x", b"Subject: " + parsed(ack)["Subject"].encode("utf-8")
+    )
     mailbox.append(big_reply)
     run_once(desk, clock)
     ticket = cli_json(desk, capsys, "show", tickets["a@example.test"]["ref"])
@@ -218,8 +265,10 @@ def test_oversize_mail_becomes_a_ticket_that_says_what_was_left_out(
 def raw_mail(sender: str, subject: str, message_id: str | None = None) -> bytes:
     """A mail written byte by byte, as a hostile client would send it."""
     mid = message_id or f"<{abs(hash((sender, subject)))}@example.test>"
-    return (f"From: {sender}\r\nTo: {DESK}\r\nSubject: {subject}\r\nMessage-ID: {mid}\r\n"
-            f"Date: Tue, 24 Nov 2026 10:00:00 +0800\r\n\r\n注入测试\r\n").encode()
+    return (
+        f"From: {sender}\r\nTo: {DESK}\r\nSubject: {subject}\r\nMessage-ID: {mid}\r\n"
+        f"Date: Tue, 24 Nov 2026 10:00:00 +0800\r\n\r\n注入测试\r\n"
+    ).encode()
 
 
 def test_header_injection_adds_no_header_to_outgoing_mail(tmp_path, mailbox, smtp, clock, capsys):
@@ -232,8 +281,10 @@ def test_header_injection_adds_no_header_to_outgoing_mail(tmp_path, mailbox, smt
     )
     config = desk_config(tmp_path, mailbox=mailbox, smtp=smtp, paths={"rules": str(rules)})
     text = config.read_text(encoding="utf-8")  # a desk name with a header in it (TOML escapes)
-    config.write_text(text.replace('name = "IT服务台"', 'name = "IT服务台\\r\\nBcc: e@evil.test"'),
-                      encoding="utf-8")
+    config.write_text(
+        text.replace('name = "IT服务台"', 'name = "IT服务台\\r\\nBcc: e@evil.test"'),
+        encoding="utf-8",
+    )
     desk = Desk(load_config(config))
     assert "\r\n" in desk.settings.desk.name
     crlf = base64.b64encode("打印机\r\nX-Injected: 1\r\n\r\n<html>".encode()).decode()
@@ -241,18 +292,27 @@ def test_header_injection_adds_no_header_to_outgoing_mail(tmp_path, mailbox, smt
         raw_mail("a@example.test", "=?utf-8?q?=E6=B3=A8=E5=85=A5=0D=0ABcc:_evil@evil.test?="),
         raw_mail("b@example.test", f"=?utf-8?b?{crlf}?="),
         raw_mail("=?utf-8?q?Zhang=0D=0ABcc:_evil@evil.test?= <c@example.test>", "名字"),
-        raw_mail("d@example.test", "注入 Message-ID",
-                 message_id="<x\r\n Bcc: evil@evil.test@example.test>"),
+        raw_mail(
+            "d@example.test",
+            "注入 Message-ID",
+            message_id="<x\r\n Bcc: evil@evil.test@example.test>",
+        ),
     ]
     for raw in injected:
         mailbox.append(raw)
     run_once(desk, clock)
     ack = sent_to(smtp, "a@example.test")[0]
     # A command that tries to smuggle a header in with its argument.
-    mailbox.append(reply(ack.content, "desk1@example.test",
-                         "assign l2@example.test\r\nBcc: evil@evil.test"))
+    mailbox.append(
+        reply(ack.content, "desk1@example.test", "assign l2@example.test\r\nBcc: evil@evil.test")
+    )
     run_once(desk, clock)
-    assert len(cli_json(desk, capsys, "tickets")) == 4
+    # Pythons with the stricter getaddresses (e.g. Debian's 3.11.2) find no address in the
+    # third sender and ignore that mail: safe either way, so expect what this Python parses.
+    third = email.utils.getaddresses(
+        ["=?utf-8?q?Zhang=0D=0ABcc:_evil@evil.test?= <c@example.test>"]
+    )
+    assert len(cli_json(desk, capsys, "tickets")) == (4 if third[0][1] else 3)
     assert smtp.messages, "mail went out"
     for message in smtp.messages:
         assert header_names(message.content) <= OUTGOING_HEADERS, message.content[:1500]
@@ -277,11 +337,18 @@ def test_mail_text_is_escaped_in_html_templates(tmp_path, mailbox, smtp, clock):
     for lang in ("zh-CN", "en"):
         (templates / lang / "new_incident.html").write_text(
             "<html><body><h1>{{ ticket.subject }}</h1><p>{{ ticket.requester_name }}</p>"
-            "<pre>{{ ticket.description }}</pre></body></html>\n", encoding="utf-8")
+            "<pre>{{ ticket.description }}</pre></body></html>\n",
+            encoding="utf-8",
+        )
     desk = make_desk(tmp_path, mailbox=mailbox, smtp=smtp, paths={"templates": str(templates)})
-    mailbox.append(make_mail("x@example.test", "<script>alert('subject')</script>",
-                             "<img src=x onerror=alert(1)> & \"quotes\"",
-                             name='"<b>Mallory</b>"'))
+    mailbox.append(
+        make_mail(
+            "x@example.test",
+            "<script>alert('subject')</script>",
+            '<img src=x onerror=alert(1)> & "quotes"',
+            name='"<b>Mallory</b>"',
+        )
+    )
     run_once(desk, clock)
     notice = parsed(sent_to(smtp, "desk1@example.test")[0].content)
     html = notice.get_body(preferencelist=("html",)).get_content()

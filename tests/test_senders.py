@@ -56,11 +56,11 @@ REFUSED = [
     (STRANGER, "priority P1"),
     (STRANGER, "升级"),
     (STRANGER, "转问题"),
-    (USER, "resolve"),                      # the requester cannot resolve their own incident
+    (USER, "resolve"),  # the requester cannot resolve their own incident
     (USER, "指派 l3@example.test"),
-    ("l2@example.test", "已解决"),            # L2 does not own an L1 incident
+    ("l2@example.test", "已解决"),  # L2 does not own an L1 incident
     ("l3@example.test", "priority P1"),
-    ("post@example.test", "problem"),       # only the incident manager hands over to problem
+    ("post@example.test", "problem"),  # only the incident manager hands over to problem
 ]
 
 
@@ -103,7 +103,13 @@ def test_an_unknown_sender_can_open_a_ticket_but_change_nothing(
     after = cli_json(desk, capsys, "show", "INC-1")
     assert fields(after) == before
     assert not {e["action"] for e in after["events"]} & {
-        "resolved", "confirmed", "reopened", "pending", "note", "assigned", "escalated"
+        "resolved",
+        "confirmed",
+        "reopened",
+        "pending",
+        "note",
+        "assigned",
+        "escalated",
     }
 
 
@@ -112,20 +118,24 @@ def test_an_unknown_sender_can_open_a_ticket_but_change_nothing(
 
 def test_allow_and_deny_by_address_and_domain(tmp_path, mailbox, smtp, clock, capsys):
     desk = make_desk(
-        tmp_path, mailbox=mailbox, smtp=smtp,
-        limits={"allow": ["@example.test", "partner@vendor.test"],
-                "deny": ["@spam.test", "noisy@example.test"]},
+        tmp_path,
+        mailbox=mailbox,
+        smtp=smtp,
+        limits={
+            "allow": ["@example.test", "partner@vendor.test"],
+            "deny": ["@spam.test", "noisy@example.test"],
+        },
         roles={"l3": ["expert@vendor-support.test"]},
     )
     senders = {
-        "user@example.test": True,                 # allowed domain
-        "user@sub.example.test": True,             # … and its subdomains
-        "partner@vendor.test": True,               # allowed address
-        "expert@vendor-support.test": True,        # a role holder passes the allow list
-        "other@vendor.test": False,                # not on the allow list
-        "noisy@example.test": False,               # denied address beats the allowed domain
-        "ads@spam.test": False,                    # denied domain
-        "ads@mail.spam.test": False,               # … and its subdomains
+        "user@example.test": True,  # allowed domain
+        "user@sub.example.test": True,  # … and its subdomains
+        "partner@vendor.test": True,  # allowed address
+        "expert@vendor-support.test": True,  # a role holder passes the allow list
+        "other@vendor.test": False,  # not on the allow list
+        "noisy@example.test": False,  # denied address beats the allowed domain
+        "ads@spam.test": False,  # denied domain
+        "ads@mail.spam.test": False,  # … and its subdomains
     }
     for i, sender in enumerate(senders):
         mailbox.append(make_mail(sender, f"问题 {i}", "请处理"))
@@ -144,8 +154,7 @@ def test_allow_and_deny_by_address_and_domain(tmp_path, mailbox, smtp, clock, ca
 def test_allow_and_deny_entries_are_checked(tmp_path, capsys):
     from support import desk_config
 
-    config = desk_config(tmp_path, limits={"allow": ["example.test", "@ok.test"],
-                                           "deny": [42]})
+    config = desk_config(tmp_path, limits={"allow": ["example.test", "@ok.test"], "deny": [42]})
     capsys.readouterr()
     assert main(["--config", str(config), "check"]) == 1
     out = capsys.readouterr().out
@@ -157,8 +166,10 @@ def test_allow_and_deny_entries_are_checked(tmp_path, capsys):
 
 
 def raw_mail(headers: str, body: str = "已解决") -> bytes:
-    return (headers + "\r\nTo: " + DESK + "\r\nDate: Tue, 24 Nov 2026 10:00:00 +0800\r\n"
-            "Subject: [INC-1] 电脑无法开机\r\n\r\n" + body + "\r\n").encode()
+    return (
+        headers + "\r\nTo: " + DESK + "\r\nDate: Tue, 24 Nov 2026 10:00:00 +0800\r\n"
+        "Subject: [INC-1] 电脑无法开机\r\n\r\n" + body + "\r\n"
+    ).encode()
 
 
 FORGED = {
@@ -167,7 +178,7 @@ FORGED = {
     "From a +tag of the desk": "From: itsm+approve@example.test\r\nMessage-ID: <f3@evil.test>",
     "Sender is the desk": f"From: desk1@example.test\r\nSender: {DESK}\r\nMessage-ID: <f4@e.test>",
     "From the desk, Sender someone": f"From: {DESK}\r\nSender: evil@evil.test\r\n"
-                                     "Message-ID: <f5@evil.test>",
+    "Message-ID: <f5@evil.test>",
     "desk among two From": f"From: {DESK}, evil@evil.test\r\nMessage-ID: <f6@evil.test>",
 }
 
@@ -190,22 +201,25 @@ def test_a_display_name_naming_the_desk_is_only_a_name(desk, mailbox, smtp, cloc
     # Quoted, the desk's address is a name: the mail is from evil@evil.test, a stranger.
     mailbox.append(raw_mail(f'From: "{DESK}" <evil@evil.test>\r\nMessage-ID: <d1@evil.test>'))
     # Unquoted it reads as two addresses, the desk's first: not trusted, ignored.
-    mailbox.append(raw_mail(f"From: {DESK} <evil@evil.test>\r\nMessage-ID: <d2@evil.test>",
-                            body="priority P1"))
+    mailbox.append(
+        raw_mail(f"From: {DESK} <evil@evil.test>\r\nMessage-ID: <d2@evil.test>", body="priority P1")
+    )
     run_once(desk, clock)
     ticket = cli_json(desk, capsys, "show", "INC-1")
     assert (ticket["status"], ticket["priority"]) == ("open", "P3")
     refused = [e for e in ticket["events"] if e["action"] == "refused"]
     assert [e["actor"] for e in refused] == ["evil@evil.test"]
-    assert "desk's own address" in reasons(desk)[-1]
+    # Ignored either as the desk's own address or, where Python's stricter getaddresses
+    # (e.g. Debian's 3.11.2) finds no address in the ambiguous From, as no sender at all.
+    assert "desk's own address" in reasons(desk)[-1] or "no sender" in reasons(desk)[-1]
     assert all(DESK not in m.rcpt_tos for m in smtp.messages)
 
 
-def test_reply_to_the_desk_never_makes_the_desk_write_to_itself(
-    desk, mailbox, smtp, clock, capsys
-):
-    raw = (f"From: evil@evil.test\r\nReply-To: {DESK}\r\nTo: {DESK}\r\n"
-           "Message-ID: <r1@evil.test>\r\nSubject: 打印机坏了\r\n\r\n打印机坏了\r\n").encode()
+def test_reply_to_the_desk_never_makes_the_desk_write_to_itself(desk, mailbox, smtp, clock, capsys):
+    raw = (
+        f"From: evil@evil.test\r\nReply-To: {DESK}\r\nTo: {DESK}\r\n"
+        "Message-ID: <r1@evil.test>\r\nSubject: 打印机坏了\r\n\r\n打印机坏了\r\n"
+    ).encode()
     mailbox.append(raw)
     run_once(desk, clock)
     tickets = cli_json(desk, capsys, "tickets")
