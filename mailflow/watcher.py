@@ -130,7 +130,10 @@ class MailboxWatcher:
                 self.source.close()  # log in again with a fresh token on the next poll
                 return
             self.idles += 1
-            self.source.wait_for_mail(timeout, self.stop, self._keep_lease)
+            # Re-poll at least every poll_interval even in IDLE: a notification the server
+            # never sent (or we never read) then delays mail by one interval, not 25 minutes.
+            self.source.wait_for_mail(min(timeout, self.poll_interval), self.stop,
+                                      self._keep_lease)
             return
         deadline = time.monotonic() + self.poll_interval
         while not self.stop.is_set() and (left := deadline - time.monotonic()) > 0:
