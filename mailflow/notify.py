@@ -49,22 +49,21 @@ def new_message_id(desk_address: str) -> str:
 def build(
     desk: Desk,
     *,
-    recipient: str,
     subject: str,
     text: str,
     html: str | None,
-    message_id: str,
     now: datetime,
     ticket: Ticket | None,
     in_reply_to: str | None = None,
     reply_to: str | None = None,
     attachments: Iterable[tuple[str, str, bytes]] = (),
     inline: Iterable[tuple[str, str, bytes]] = (),
-) -> Message:
-    """The outgoing message, ready to send (compat32 MIME classes: 6× faster to build).
+) -> bytes:
+    """The outgoing message on the wire, less `To` and `Message-ID` (see `addressed`).
 
-    `inline` (Content-ID, type, data) parts go with the HTML in a multipart/related, so the
-    HTML shows them as `<img src="cid:...">`.
+    Built and serialised once for all the recipients of a notification (compat32 MIME
+    classes: 6× faster to build than EmailMessage). `inline` (Content-ID, type, data) parts
+    go with the HTML in a multipart/related, so the HTML shows them as `<img src="cid:...">`.
     """
     body: Message = MIMEText(text, "plain", "utf-8")
     if html:
@@ -86,10 +85,8 @@ def build(
         body = mixed
     name = clean_header(desk.settings.desk.name)
     body["From"] = formataddr((str(Header(name, "utf-8")), desk.address))
-    body["To"] = clean_header(recipient, 320)
     body["Subject"] = Header(clean_header(subject), "utf-8").encode()
     body["Date"] = format_datetime(now)
-    body["Message-ID"] = f"<{message_id}>"
     if in_reply_to:
         body["In-Reply-To"] = f"<{clean_header(in_reply_to, 500)}>"
         body["References"] = f"<{clean_header(in_reply_to, 500)}>"
@@ -98,7 +95,13 @@ def build(
     body["Auto-Submitted"] = "auto-generated"
     body["X-Auto-Response-Suppress"] = "All"
     body[MARKER] = ticket.ref if ticket is not None else "desk"
-    return body
+    return body.as_bytes(policy=WIRE)
+
+
+def addressed(wire: bytes, recipient: str, message_id: str) -> bytes:
+    """One recipient's copy of a built message: its own `To` and `Message-ID` in front."""
+    head = f"To: {clean_header(recipient, 320)}\r\nMessage-ID: <{message_id}>\r\n"
+    return head.encode("utf-8") + wire
 
 
 def _related(html: Message, inline: Iterable[tuple[str, str, bytes]]) -> Message:
@@ -142,29 +145,27 @@ def queue(
     subject = clean_header(rendered.subject)
     if ticket is not None and tracking.tag(ticket) not in subject:
         subject = f"{tracking.tag(ticket)} {subject}"
-    attachments, inline = list(attachments), list(inline)
-    rows = []
+    rows: list[Outbox] = []
     targets = list(dict.fromkeys(r.strip().lower() for r in recipients if r))
     if message_id is not None and len(targets) > 1:
         raise ValueError("a fixed message_id needs exactly one recipient")
+    targets = [r for r in targets if r != desk.address and desk.may_mail(session, r, now)]
+    if not targets:
+        return rows
+    wire = build(
+        desk,
+        subject=subject,
+        text=rendered.text,
+        html=rendered.html,
+        now=now,
+        ticket=ticket,
+        in_reply_to=in_reply_to,
+        reply_to=reply_to,
+        attachments=attachments,
+        inline=inline,
+    )
     for recipient in targets:
-        if recipient == desk.address or not desk.may_mail(session, recipient, now):
-            continue
         mid = message_id or new_message_id(desk.address)
-        msg = build(
-            desk,
-            recipient=recipient,
-            subject=subject,
-            text=rendered.text,
-            html=rendered.html,
-            message_id=mid,
-            now=now,
-            ticket=ticket,
-            in_reply_to=in_reply_to,
-            reply_to=reply_to,
-            attachments=attachments,
-            inline=inline,
-        )
         row = Outbox(
             ticket_id=ticket.id if ticket is not None else None,
             message_id=mid,
@@ -173,7 +174,7 @@ def queue(
             recipient=recipient,
             subject=subject,
             text=rendered.text,
-            raw=msg.as_bytes(policy=WIRE),
+            raw=addressed(wire, recipient, mid),
             state="queued",
             attempts=0,
             next_attempt_at=now,

@@ -1,9 +1,10 @@
-"""From stored raw mail to tickets and queued notifications, one transaction per message.
+"""From stored raw mail to tickets and queued notifications, each message all or nothing.
 
 `store()` records the raw bytes first (unique per mailbox position and per Message-ID);
 `process_pending()` then takes each pending row in order: parse → drop automatic mail →
 find the ticket → open one (classified by rules/) or apply the reply → queue notifications.
-A message that raises is rolled back and quarantined with its error; the next goes on.
+Each message runs in a savepoint of its own inside a batch transaction (`batch_size`): a
+message that raises is rolled back alone and quarantined with its error; the next goes on.
 """
 
 from __future__ import annotations
@@ -30,6 +31,7 @@ from mailflow.tickets import open_ticket, record
 log = logging.getLogger(__name__)
 
 QUARANTINE_RETRIES = 3
+SQLITE_BATCH = 50  # messages per transaction on SQLite (see batch_size)
 _MESSAGE_ID = re.compile(rb"^message-id:[ \t]*(.*(?:\r?\n[ \t].*)*)", re.IGNORECASE | re.MULTILINE)
 _HEADER_END = re.compile(rb"\r?\n\r?\n")
 _CONTROLS = re.compile(r"[\x00-\x1f\x7f]")
@@ -163,72 +165,105 @@ def _closed_too_long(desk: Desk, ticket: Ticket, sender: str, now: datetime) -> 
     )
 
 
-def _claim(session: Session, desk: Desk, inbound_id: int) -> Inbound | None:
-    """Lock the row for this transaction so no other daemon processes it too.
+def batch_size(desk: Desk) -> int:
+    """Messages per transaction. SQLite has one writer at a time, so many messages share a
+    commit (4× fewer ms per message in the claim and commit); daemons sharing PostgreSQL
+    work side by side, and a transaction per message keeps their lock waits short."""
+    return 1 if desk.db.is_postgres else SQLITE_BATCH
+
+
+def _claim(session: Session, desk: Desk, ids: list[int]) -> dict[int, Inbound]:
+    """Lock the rows for this transaction so no other daemon processes them too.
 
     PostgreSQL: FOR UPDATE SKIP LOCKED — a row another daemon is working on is passed over
-    (None). SQLite: a first write takes the database's write lock (waiting its turn), so
-    the state read next is the latest committed one.
+    (absent). SQLite: a first write takes the database's write lock (waiting its turn), so
+    the states read next are the latest committed ones.
     """
+    query = select(Inbound).where(Inbound.id.in_(ids))
     if desk.db.is_postgres:
-        return session.scalar(
-            select(Inbound).where(Inbound.id == inbound_id).with_for_update(skip_locked=True)
+        query = query.with_for_update(skip_locked=True)
+    else:
+        session.execute(
+            update(Inbound)
+            .where(Inbound.id.in_(ids))
+            .values(attempts=Inbound.attempts)
+            .execution_options(synchronize_session=False)
         )
-    session.execute(
-        update(Inbound)
-        .where(Inbound.id == inbound_id)
-        .values(attempts=Inbound.attempts)
-        .execution_options(synchronize_session=False)
-    )
-    return session.get(Inbound, inbound_id)
+    return {row.id: row for row in session.scalars(query)}
 
 
 def process_one(desk: Desk, inbound_id: int, now: datetime) -> Outcome:
-    """Process one row in its own transaction; on failure quarantine it with the error."""
-    started = time.perf_counter()
-    with logs.context(msg_id=None, ticket=None, inbound=inbound_id):
-        outcome = _process_one(desk, inbound_id, now)
-        if outcome.state == "conflict":  # the other transaction has committed: try again
-            outcome = _process_one(desk, inbound_id, now, last_try=True)
+    """Process one row in a transaction of its own; on failure quarantine it."""
+    return process_batch(desk, [inbound_id], lambda: now)[0]
+
+
+def process_batch(
+    desk: Desk,
+    ids: list[int],
+    clock: Callable[[], datetime],
+    stop: Callable[[], bool] | None = None,
+) -> list[Outcome]:
+    """Process rows in one transaction, each message in a savepoint of its own.
+
+    A message that raises is rolled back alone and quarantined with its error; the others
+    commit. A failure of the database itself rolls back the batch (retried later). `stop`
+    is asked between messages: what is done so far commits.
+    """
+    done: list[tuple[int, str | None, Outcome, float]] = []
+    with desk.db.transaction() as session:
+        claimed = _claim(session, desk, ids)
+        for inbound_id in ids:
+            if stop is not None and stop():
+                break
+            started = time.perf_counter()
+            with logs.context(msg_id=None, ticket=None, inbound=inbound_id):
+                outcome = _process_claimed(session, desk, claimed.get(inbound_id), clock())
+            message_id = claimed[inbound_id].message_id if inbound_id in claimed else None
+            done.append((inbound_id, message_id, outcome, time.perf_counter() - started))
+    for inbound_id, message_id, outcome, elapsed in done:  # committed: now say so
         if outcome.state in ("processed", "ignored", "quarantined"):
-            exporter.observe(outcome.state, time.perf_counter() - started)
-            log.info("%s%s", outcome.state, f": {outcome.reason}" if outcome.reason else "")
-    return outcome
+            ref = outcome.ticket.ref if outcome.ticket is not None else None
+            with logs.context(msg_id=message_id, ticket=ref, inbound=inbound_id):
+                exporter.observe(outcome.state, elapsed)
+                log.info("%s%s", outcome.state, f": {outcome.reason}" if outcome.reason else "")
+    return [outcome for _, _, outcome, _ in done]
 
 
-def _process_one(desk: Desk, inbound_id: int, now: datetime, last_try: bool = False) -> Outcome:
-    db = desk.db
-    try:
-        with db.transaction() as session:
-            inbound = _claim(session, desk, inbound_id)
-            if inbound is None:  # PostgreSQL: another daemon holds it
-                return Outcome("busy" if db.is_postgres else "missing")
-            logs.bind(msg_id=inbound.message_id)
-            if inbound.state not in ("pending", "quarantined"):  # done by another daemon
-                return Outcome("skipped", f"already {inbound.state}")
-            if _answers_pending(session, inbound):
-                return Outcome("deferred", "answers mail still being processed")
-            with session.no_autoflush:  # one flush at commit, not one per query (3× faster)
+def _process_claimed(
+    session: Session, desk: Desk, inbound: Inbound | None, now: datetime
+) -> Outcome:
+    if inbound is None:  # PostgreSQL: another daemon holds it
+        return Outcome("busy" if desk.db.is_postgres else "missing")
+    logs.bind(msg_id=inbound.message_id)
+    if inbound.state not in ("pending", "quarantined"):  # done by another daemon
+        return Outcome("skipped", f"already {inbound.state}")
+    if _answers_pending(session, inbound):
+        return Outcome("deferred", "answers mail still being processed")
+    for last_try in (False, True):
+        try:
+            # One flush when the savepoint is released, not one per query (3× faster).
+            with session.begin_nested(), session.no_autoflush:
                 outcome = handle(session, desk, inbound, now)
-            if outcome.ticket is not None:
-                logs.bind(ticket=outcome.ticket.ref)
-            inbound.state, inbound.reason = outcome.state, outcome.reason
-            inbound.processed_at = now
-            inbound.attempts += 1
-    except IntegrityError as exc:
-        if not last_try:
+                inbound.state, inbound.reason = outcome.state, outcome.reason
+                inbound.processed_at = now
+                inbound.attempts += 1
+        except IntegrityError as exc:
+            if last_try:
+                return _quarantine(inbound, now, exc)
             # A concurrent daemon inserted the same row first (e.g. a new requester's
             # details): rolled back; processed again at once against the committed data.
             log.warning("conflict with a concurrent transaction, trying again: %s", exc.orig)
-            return Outcome("conflict", str(exc.orig)[:200])
-        return _quarantine(desk, inbound_id, now, exc)
-    except DataError as exc:  # this mail's data cannot be stored: retrying will not help
-        return _quarantine(desk, inbound_id, now, exc)
-    except SQLAlchemyError:
-        raise  # the database itself failed: the row stays as it was, retried later
-    except Exception as exc:  # noqa: BLE001 — a poison message must not stop the others
-        return _quarantine(desk, inbound_id, now, exc)
-    return outcome
+            continue
+        except DataError as exc:  # this mail's data cannot be stored: retrying will not help
+            return _quarantine(inbound, now, exc)
+        except SQLAlchemyError:
+            raise  # the database itself failed: the batch rolls back, retried later
+        except Exception as exc:  # noqa: BLE001 — a poison message must not stop the others
+            return _quarantine(inbound, now, exc)
+        if outcome.ticket is not None:
+            logs.bind(ticket=outcome.ticket.ref)
+        return outcome
+    raise AssertionError("unreachable")
 
 
 def _answers_pending(session: Session, inbound: Inbound) -> bool:
@@ -249,16 +284,13 @@ def _answers_pending(session: Session, inbound: Inbound) -> bool:
     return session.scalar(earlier.limit(1)) is not None
 
 
-def _quarantine(desk: Desk, inbound_id: int, now: datetime, exc: Exception) -> Outcome:
-    """Record the failure on the row; retried later with backoff, visible in the CLI."""
-    log.error("inbound #%s quarantined", inbound_id, exc_info=exc)
-    with desk.db.transaction() as session:
-        inbound = session.get(Inbound, inbound_id)
-        assert inbound is not None
-        inbound.attempts += 1
-        inbound.state = "quarantined"
-        inbound.reason = f"{type(exc).__name__}: {exc}"[:2000]
-        inbound.next_attempt_at = now + timedelta(minutes=5 * 2**inbound.attempts)
+def _quarantine(inbound: Inbound, now: datetime, exc: Exception) -> Outcome:
+    """Record the failure on the row (its work rolled back); retried later with backoff."""
+    log.error("inbound #%s quarantined", inbound.id, exc_info=exc)
+    inbound.attempts += 1
+    inbound.state = "quarantined"
+    inbound.reason = f"{type(exc).__name__}: {exc}"[:2000]
+    inbound.next_attempt_at = now + timedelta(minutes=5 * 2**inbound.attempts)
     return Outcome("quarantined", inbound.reason)
 
 
@@ -290,19 +322,19 @@ def process_pending(
     `stop` is asked between messages (a daemon shutting down finishes the one in hand).
     Rows another daemon holds or has done meanwhile are passed over and not counted.
     """
-    done = 0
+    done, size = 0, batch_size(desk)
     while True:
         with desk.db.sessions() as session:
             ids = pending_ids(session, clock())
         if not ids:
             return done
         progress, deferred = 0, 0
-        for inbound_id in ids:
+        for first in range(0, len(ids), size):
             if stop is not None and stop():
                 return done
-            outcome = process_one(desk, inbound_id, clock())
-            progress += outcome.state in ("processed", "ignored", "quarantined")
-            deferred += outcome.state == "deferred"
+            for outcome in process_batch(desk, ids[first : first + size], clock, stop):
+                progress += outcome.state in ("processed", "ignored", "quarantined")
+                deferred += outcome.state == "deferred"
         done += progress
         if len(ids) < 500 and not (deferred and progress):
             return done

@@ -16,6 +16,7 @@ import re
 import unicodedata
 from collections import Counter
 from functools import lru_cache
+from typing import NamedTuple
 
 from sqlalchemy import Select, select
 from sqlalchemy.orm import Session
@@ -55,44 +56,52 @@ def tokens(text: str) -> tuple[str, ...]:
     return tuple(out)
 
 
+class Profile(NamedTuple):
+    """An incident's terms with their log-scaled weights, and the squared norm of those."""
+
+    weights: dict[str, float]
+    norm2: float
+
+
 @lru_cache(maxsize=4096)
-def profile(subject: str, description: str) -> Counter[str]:
-    """Term counts of one incident: the subject weighs twice."""
+def profile(subject: str, description: str) -> Profile:
+    """Term weights of one incident (1 + log count): the subject's terms count twice."""
     counts = Counter(tokens(subject))
     for term in counts:
         counts[term] *= 2
     counts.update(tokens(description[:TEXT_LIMIT]))
-    return counts
-
-
-def _weights(counts: Counter[str], idf: dict[str, float]) -> dict[str, float]:
-    return {t: (1 + math.log(c)) * idf.get(t, 1.0) for t, c in counts.items()}
-
-
-def _cosine(a: dict[str, float], b: dict[str, float]) -> float:
-    if len(a) > len(b):
-        a, b = b, a
-    dot = sum(w * b.get(t, 0.0) for t, w in a.items())
-    if not dot:
-        return 0.0
-    norm_a = math.sqrt(sum(w * w for w in a.values()))
-    norm_b = math.sqrt(sum(w * w for w in b.values()))
-    return dot / (norm_a * norm_b)
+    weights = {t: 1 + math.log(c) for t, c in counts.items()}
+    return Profile(weights, sum(w * w for w in weights.values()))
 
 
 def rank(
-    query: Counter[str], docs: list[tuple[int, Counter[str], float]], limit: int
+    query: Profile, docs: list[tuple[int, Profile, float]], limit: int
 ) -> list[tuple[float, int]]:
-    """(score, id) of the best documents; each doc is (id, profile, factor)."""
+    """(score, id) of the best documents by TF-IDF cosine; each doc is (id, profile, factor).
+
+    Only the query's terms take an IDF (others weigh 1), so a document's norm is its cached
+    norm corrected for the shared terms: the work per document is O(query terms).
+    """
+    terms = query.weights
+    matched = []  # (order, id, profile, factor, the terms it shares with the query)
     df: Counter[str] = Counter()
-    for _, counts, _ in docs:
-        df.update(counts.keys())
+    for order, (doc_id, doc, factor) in enumerate(docs):
+        small, large = (
+            (doc.weights, terms) if len(doc.weights) < len(terms) else (terms, doc.weights)
+        )
+        shared = [t for t in small if t in large]
+        df.update(shared)
+        if shared:
+            matched.append((order, doc_id, doc, factor, shared))
     n = len(docs) + 1
-    idf = {t: math.log((n + 1) / (df[t] + 2)) + 1 for t in query}
-    q = _weights(query, idf)
+    idf = {t: math.log((n + 1) / (df[t] + 2)) + 1 for t in terms}
+    q = {t: w * idf[t] for t, w in terms.items()}
+    q_norm = math.sqrt(sum(w * w for w in q.values()))
     scored = []
-    for order, (doc_id, counts, factor) in enumerate(docs):
-        score = _cosine(q, _weights(counts, idf)) * factor
+    for order, doc_id, doc, factor, shared in matched:
+        dot = sum(doc.weights[t] * q[t] * idf[t] for t in shared)
+        norm2 = doc.norm2 + sum(doc.weights[t] ** 2 * (idf[t] ** 2 - 1) for t in shared)
+        score = dot / (q_norm * math.sqrt(norm2)) * factor
         if score >= MIN_SCORE:
             scored.append((score, -order, doc_id))
     scored.sort(reverse=True)  # best score first; ties: the more recent (earlier in docs)
@@ -116,7 +125,7 @@ def _candidates(ticket: Ticket) -> Select:
 def similar_resolved(session: Session, ticket: Ticket, limit: int = 3) -> list[Ticket]:
     """Up to `limit` resolved incidents most similar to `ticket`, best first."""
     query = profile(ticket.subject or "", ticket.description or "")
-    if limit <= 0 or not query:
+    if limit <= 0 or not query.weights:
         return []
     base = _candidates(ticket)
     rows = [

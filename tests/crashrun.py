@@ -9,8 +9,8 @@ hard way, then hands over to `mailflow.cli.main(["--config", X, "run", "--once"]
 POINT        the process dies …
 fetched      … when the N-th message has been fetched from IMAP, before it is stored
 stored       … after the N-th batch was committed, before it is flagged on the server
-processing   … inside the N-th message's transaction, before its commit
-processed    … after the N-th message's commit, before anything else
+processing   … inside the N-th message's savepoint, before its batch commits
+processed    … after the N-th processing batch committed, before anything else
 sending      … after the SMTP server accepted the N-th mail, before it is marked sent
 sent         … after the N-th mail is marked sent
 
@@ -88,7 +88,7 @@ def arm(point: str, after: int) -> None:
     elif point == "processing":
         pipeline.handle = _after_call(pipeline.handle, count)
     elif point == "processed":
-        pipeline.process_one = _after_call(pipeline.process_one, count)
+        pipeline.process_batch = _after_call(pipeline.process_batch, count)
     elif point == "sending":
         finish = outbox._finish
 

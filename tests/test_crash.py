@@ -87,10 +87,9 @@ KILLS = [
     ("fetched", 3),     # first batch stored and flagged; third message fetched, not stored
     ("stored", 1),      # first batch committed, not flagged on the server
     ("stored", 2),      # second batch committed, not flagged
-    ("processing", 1),  # inside the first message's transaction
-    ("processing", 3),  # inside the last message's transaction
-    ("processed", 1),   # after the first message's commit
-    ("processed", 3),   # everything processed, nothing sent
+    ("processing", 1),  # inside the first message's savepoint
+    ("processing", 3),  # inside the last one's: the first two done but not committed
+    ("processed", 1),   # after the batch's commit: everything processed, nothing sent
     ("sending", 1),     # the server accepted the first mail; not marked sent
     ("sending", 6),     # … the sixth
     ("sent", 4),        # four sent and marked, five still queued
