@@ -58,7 +58,7 @@ def _databases_left() -> Iterator[None]:
     import databases
 
     yield
-    databases.drop_created()
+    databases.drop_created(reuse=False)
 
 
 @pytest.fixture(autouse=True)
