@@ -90,7 +90,7 @@ def main() -> None:
                 subject, body = text(rng)
                 probes.append(Ticket(id=10_000_000 + n, kind="incident", category="desktop",
                                      subject=subject, description=body))
-            similar.profile.cache_clear()
+            similar._profile.cache_clear()
             cold = timed(lambda: similar.similar_resolved(session, probes[0], 3), 1)
             warm = sum(
                 timed(lambda p=p: similar.similar_resolved(session, p, 3), 1) for p in probes

@@ -63,13 +63,17 @@ class Profile(NamedTuple):
     norm2: float
 
 
-@lru_cache(maxsize=4096)
 def profile(subject: str, description: str) -> Profile:
     """Term weights of one incident (1 + log count): the subject's terms count twice."""
+    return _profile(subject[:TEXT_LIMIT], description[:TEXT_LIMIT])
+
+
+@lru_cache(maxsize=1024)  # > the candidates read per search; keys are cut to TEXT_LIMIT
+def _profile(subject: str, description: str) -> Profile:
     counts = Counter(tokens(subject))
     for term in counts:
         counts[term] *= 2
-    counts.update(tokens(description[:TEXT_LIMIT]))
+    counts.update(tokens(description))
     weights = {t: 1 + math.log(c) for t, c in counts.items()}
     return Profile(weights, sum(w * w for w in weights.values()))
 
