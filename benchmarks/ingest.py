@@ -112,6 +112,10 @@ def one(n: int, database: str | None) -> dict[str, float]:
         "notifications_queued": queued,
         "peak_rss_mb": round(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024, 1),
         "rss_before_ingest_mb": round(rss_before / 1024, 1),
+        # what the ingest itself added: flat as N grows (the generated mails are not in it)
+        "rss_added_by_ingest_mb": round(
+            (resource.getrusage(resource.RUSAGE_SELF).ru_maxrss - rss_before) / 1024, 1
+        ),
     }
 
 

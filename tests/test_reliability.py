@@ -6,12 +6,15 @@ import json
 import shutil
 import subprocess
 import sys
+from email import message_from_bytes
+from email.header import decode_header, make_header
 from pathlib import Path
 
 import pytest
 from servers import SmtpSink
 from support import REPO, desk_config, make_desk, make_mail, run_once, write_config
 
+from mailflow import incidents
 from mailflow.cli import main
 from mailflow.rules import RuleSet
 
@@ -89,6 +92,39 @@ def test_a_poison_message_is_quarantined_and_the_rest_go_through(
     code, out, _ = cli(desk.settings.path, capsys, "tickets", "--json")
     assert len(json.loads(out)) == 3
     assert status(desk, capsys)["inbound"]["quarantined"] == 0
+
+
+def test_a_message_failing_after_its_writes_rolls_back_alone_in_its_batch(
+    desk, mailbox, smtp, clock, capsys, monkeypatch
+):
+    """The failure comes after the ticket, its events and its acknowledgement were written:
+    that message's work is undone (its savepoint), the messages before and after it in the
+    same batch commit, and the ticket numbers stay gapless."""
+    real = incidents.on_new
+
+    def on_new(session, desk_, ticket, mail, inbound, now):
+        real(session, desk_, ticket, mail, inbound, now)
+        if "POISON" in mail.subject:
+            raise RuntimeError("template bug after the writes")
+
+    monkeypatch.setattr(incidents, "on_new", on_new)
+    for subject in ("打印机卡纸", "POISON 电脑蓝屏", "无法登录OA"):
+        mailbox.append(make_mail("user@example.test", subject, "详见主题"))
+    result = run_once(desk, clock)
+    assert result.processed == 3
+    _, out, _ = cli(desk.settings.path, capsys, "tickets", "--json")
+    assert [(t["ref"], t["subject"]) for t in json.loads(out)] == [
+        ("INC-1", "打印机卡纸"), ("INC-2", "无法登录OA")
+    ]
+    subjects = [
+        str(make_header(decode_header(message_from_bytes(m.content)["Subject"])))
+        for m in smtp.messages
+    ]
+    assert {s.split()[0] for s in subjects} == {"[INC-1]", "[INC-2]"}, subjects
+    assert not any("电脑蓝屏" in s for s in subjects), "the failed message's mail was undone"
+    report = status(desk, capsys)
+    assert report["inbound"] == {"processed": 2, "ignored": 0, "quarantined": 1, "pending": 0}
+    assert report["outbox"] == {"queued": 0, "sent": len(subjects), "dead": 0}
 
 
 def test_awkward_real_world_mail_never_stops_the_desk(desk, mailbox, smtp, clock, capsys):
