@@ -64,6 +64,14 @@ def test_mail_waits_while_smtp_is_down_and_goes_when_it_is_back(
         desk.close()
 
 
+def three_mails_the_second_poisoned(desk, mailbox, clock, capsys) -> list[dict]:
+    """Three mails in one pass, the second with POISON in its subject; the tickets made."""
+    for subject in ("打印机卡纸", "POISON 电脑蓝屏", "无法登录OA"):
+        mailbox.append(make_mail("user@example.test", subject, "详见主题"))
+    assert run_once(desk, clock).processed == 3
+    return json.loads(cli(desk.settings.path, capsys, "tickets", "--json")[1])
+
+
 def test_a_poison_message_is_quarantined_and_the_rest_go_through(
     desk, mailbox, smtp, clock, capsys, monkeypatch
 ):
@@ -75,12 +83,8 @@ def test_a_poison_message_is_quarantined_and_the_rest_go_through(
         return real(self, subject, body, sender)
 
     monkeypatch.setattr(RuleSet, "classify", classify)
-    for subject in ("打印机卡纸", "POISON 电脑蓝屏", "无法登录OA"):
-        mailbox.append(make_mail("user@example.test", subject, "详见主题"))
-    result = run_once(desk, clock)
-    assert result.processed == 3
-    code, out, _ = cli(desk.settings.path, capsys, "tickets", "--json")
-    assert [t["subject"] for t in json.loads(out)] == ["打印机卡纸", "无法登录OA"]
+    tickets = three_mails_the_second_poisoned(desk, mailbox, clock, capsys)
+    assert [t["subject"] for t in tickets] == ["打印机卡纸", "无法登录OA"]
     assert status(desk, capsys)["inbound"] == {
         "processed": 2, "ignored": 0, "quarantined": 1, "pending": 0
     }
@@ -108,12 +112,8 @@ def test_a_message_failing_after_its_writes_rolls_back_alone_in_its_batch(
             raise RuntimeError("template bug after the writes")
 
     monkeypatch.setattr(incidents, "on_new", on_new)
-    for subject in ("打印机卡纸", "POISON 电脑蓝屏", "无法登录OA"):
-        mailbox.append(make_mail("user@example.test", subject, "详见主题"))
-    result = run_once(desk, clock)
-    assert result.processed == 3
-    _, out, _ = cli(desk.settings.path, capsys, "tickets", "--json")
-    assert [(t["ref"], t["subject"]) for t in json.loads(out)] == [
+    tickets = three_mails_the_second_poisoned(desk, mailbox, clock, capsys)
+    assert [(t["ref"], t["subject"]) for t in tickets] == [
         ("INC-1", "打印机卡纸"), ("INC-2", "无法登录OA")
     ]
     subjects = [
