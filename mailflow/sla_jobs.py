@@ -163,21 +163,11 @@ def _act(desk: Desk, due: _Due, now: datetime, result: ScanResult) -> None:
         if breach:  # a breach makes a late warning pointless
             _claim(session, due.ticket_id, sla_warned_at=now)
         warn = not breach and due.warn and _claim(session, due.ticket_id, sla_warned_at=now)
-        late = due.response_breach and _claim(session, due.ticket_id, response_breached_at=now)
-        if not (breach or warn or late):
+        if not (breach or warn or due.response_breach):
             return
-        ticket = session.get(Ticket, due.ticket_id)  # read after the claim: current
+        ticket = session.get(Ticket, due.ticket_id)  # read after the claims: current
         assert ticket is not None
-        if late:
-            record(
-                session,
-                ticket,
-                "response_breached",
-                SYSTEM,
-                now,
-                f"response target {ticket.priority} passed without a response",
-                due=ticket.response_due_at.isoformat() if ticket.response_due_at else None,
-            )
+        if due.response_breach and incidents.record_response_breach(session, ticket, now):
             result.response_breached.append(ticket.ref)
         if breach:
             _breach(session, desk, ticket, due, now)
