@@ -23,13 +23,12 @@ from mailflow import commands, lifecycle, notify, sla
 from mailflow.commands import Command
 from mailflow.models import Event, Inbound, Ticket
 from mailflow.similar import similar_resolved
-from mailflow.tickets import record
+from mailflow.tickets import SYSTEM, confirm_deadline, record
 
 if TYPE_CHECKING:
     from mailflow.desk import Desk
     from mailflow.mail import ParsedMail
 
-SYSTEM = "mailflow"  # the actor of automatic changes
 
 # A reply made only of these (after punctuation and spaces are removed) is a courtesy, not a
 # report that the problem is back: "好的，谢谢！" to a closed incident does not reopen it.
@@ -173,12 +172,6 @@ def record_response_breach(session: Session, ticket: Ticket, now: datetime) -> b
         due=due.isoformat() if due else None,
     )
     return True
-
-
-def confirm_deadline(desk: Desk, resolved_at: datetime) -> datetime:
-    """When an unconfirmed resolution closes: `confirm_timeout` of working time later."""
-    timeout = desk.settings.incident.confirm_timeout
-    return desk.business_calendar().add(resolved_at, timeout.total_seconds())
 
 
 # -- replies -----------------------------------------------------------------------------

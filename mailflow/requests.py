@@ -20,10 +20,10 @@ from typing import TYPE_CHECKING, Any
 from sqlalchemy import func, select, update
 from sqlalchemy.orm import Session
 
-from mailflow import approvals, commands, forms, jobs, lifecycle, notify, sla, tracking
+from mailflow import approvals, commands, forms, jobs, lifecycle, notify, tracking
 from mailflow.commands import Command
 from mailflow.models import Approval, Inbound, Outbox, Ticket
-from mailflow.tickets import record
+from mailflow.tickets import SYSTEM, close_unconfirmed, record
 
 if TYPE_CHECKING:
     from mailflow.desk import Desk
@@ -433,43 +433,12 @@ APPLY: dict[str, Any] = {
 
 
 def auto_close(desk: Desk, now: datetime) -> int:
-    """Close requests fulfilled longer ago than `[incident] confirm_timeout` (working time).
+    """Close requests fulfilled longer ago than `[incident] confirm_timeout` (working time)."""
 
-    Each is claimed by a conditional update, so a confirmation arriving meanwhile or a
-    second daemon never closes it twice.
-    """
-    timeout = desk.settings.incident.confirm_timeout
-    calendar = desk.business_calendar()
-    with desk.db.sessions() as session:
-        rows = session.execute(
-            select(Ticket.id, Ticket.resolved_at).where(
-                Ticket.kind == "request",
-                Ticket.status == "fulfilled",
-                Ticket.resolved_at <= now - timeout,  # working time never outruns the clock
-            )
-        ).all()
-    closed = 0
-    for ticket_id, fulfilled_at in rows:
-        deadline = sla.due_at(calendar, fulfilled_at, timeout)
-        if deadline is None or deadline > now:
-            continue
-        with desk.db.transaction() as session:
-            claimed = session.execute(
-                update(Ticket)
-                .where(Ticket.id == ticket_id, Ticket.status == "fulfilled",
-                       Ticket.resolved_at == fulfilled_at)
-                .values(status="closed", closed_at=now, updated_at=now)
-                .execution_options(synchronize_session=False)
-            )
-            if claimed.rowcount != 1:  # type: ignore[attr-defined]
-                continue
-            ticket = session.get(Ticket, ticket_id)
-            assert ticket is not None
-            record(session, ticket, "status", "mailflow", now,
-                   "fulfilled → closed (not confirmed in time)", old="fulfilled", new="closed")
-            _close(session, desk, ticket, "mailflow", now, "timeout")
-            closed += 1
-    return closed
+    def closing(session: Session, ticket: Ticket) -> None:
+        _close(session, desk, ticket, SYSTEM, now, "timeout")
+
+    return len(close_unconfirmed(desk, "request", "fulfilled", now, closing))
 
 
 def _every_ten_minutes(desk: Desk) -> Any:

@@ -17,7 +17,7 @@ from __future__ import annotations
 
 import logging
 from dataclasses import dataclass, field
-from datetime import datetime, timedelta
+from datetime import datetime
 from typing import TYPE_CHECKING
 
 from apscheduler.triggers.interval import IntervalTrigger
@@ -27,13 +27,12 @@ from sqlalchemy.orm import Session
 
 from mailflow import incidents, jobs, notify, sla
 from mailflow.models import Ticket
-from mailflow.tickets import record
+from mailflow.tickets import SYSTEM, close_unconfirmed, record
 
 if TYPE_CHECKING:
     from mailflow.desk import Desk
 
 log = logging.getLogger(__name__)
-SYSTEM = incidents.SYSTEM
 
 
 @dataclass
@@ -198,67 +197,15 @@ def scan(desk: Desk, now: datetime) -> ScanResult:
 
 def auto_close(desk: Desk, now: datetime) -> ScanResult:
     """Close incidents whose resolution went unanswered for `confirm_timeout` working time."""
-    result = ScanResult()
-    timeout: timedelta = desk.settings.incident.confirm_timeout
-    with desk.db.sessions() as session:
-        rows = session.execute(
-            select(Ticket.id, Ticket.resolved_at).where(
-                Ticket.kind == "incident",
-                Ticket.status == "resolved",
-                Ticket.resolved_at <= now - timeout,  # working time never outruns the clock
-            )
-        ).all()
-    for ticket_id, resolved_at in rows:
-        if resolved_at is None or incidents.confirm_deadline(desk, resolved_at) > now:
-            continue
-        try:
-            ref = _close(desk, ticket_id, resolved_at, now)
-        except SQLAlchemyError:
-            log.exception("auto-close of ticket #%s failed; retried next run", ticket_id)
-            continue
-        if ref:
-            result.closed.append(ref)
-    return result
 
-
-def _close(desk: Desk, ticket_id: int, resolved_at: datetime, now: datetime) -> str | None:
-    with desk.db.transaction() as session:
-        claimed = session.execute(
-            update(Ticket)
-            .where(
-                Ticket.id == ticket_id,
-                Ticket.status == "resolved",
-                Ticket.resolved_at == resolved_at,
-            )
-            .values(status="closed", closed_at=now, updated_at=now)
-            .execution_options(synchronize_session=False)
-        )
-        if claimed.rowcount != 1:  # type: ignore[attr-defined]
-            return None
-        ticket = session.get(Ticket, ticket_id)
-        assert ticket is not None
+    def closing(session: Session, ticket: Ticket) -> None:
         timeout = desk.settings.incident.confirm_timeout
-        record(
-            session,
-            ticket,
-            "status",
-            SYSTEM,
-            now,
-            "resolved → closed (no confirmation in time)",
-            old="resolved",
-            new="closed",
-        )
-        record(
-            session,
-            ticket,
-            "auto_closed",
-            SYSTEM,
-            now,
-            f"no answer within {timeout} of working time",
-        )
+        record(session, ticket, "auto_closed", SYSTEM, now,
+               f"no answer within {timeout} of working time")
         notify.queue(session, desk, "closed", [ticket.requester], now, ticket=ticket,
                      reason="timeout")
-        return ticket.ref
+
+    return ScanResult(closed=close_unconfirmed(desk, "incident", "resolved", now, closing))
 
 
 def _every_minute(desk: Desk) -> IntervalTrigger:

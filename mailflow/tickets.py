@@ -2,10 +2,13 @@
 
 from __future__ import annotations
 
+import logging
+from collections.abc import Callable
 from datetime import datetime
 from typing import TYPE_CHECKING, Any
 
 from sqlalchemy import func, select, update
+from sqlalchemy.exc import SQLAlchemyError
 from sqlalchemy.orm import Session
 
 from mailflow import tracking
@@ -15,6 +18,9 @@ from mailflow.rules import Classification
 if TYPE_CHECKING:
     from mailflow.desk import Desk
     from mailflow.mail import ParsedMail
+
+log = logging.getLogger(__name__)
+SYSTEM = "mailflow"  # the actor of automatic changes
 
 
 def next_number(session: Session, kind: str) -> int:
@@ -116,6 +122,64 @@ def open_ticket(
         major=ticket.major,
     )
     return ticket
+
+
+def confirm_deadline(desk: Desk, resolved_at: datetime) -> datetime:
+    """When an unconfirmed resolution closes: `confirm_timeout` of working time later."""
+    timeout = desk.settings.incident.confirm_timeout
+    return desk.business_calendar().add(resolved_at, timeout.total_seconds())
+
+
+def close_unconfirmed(
+    desk: Desk,
+    kind: str,
+    status: str,
+    now: datetime,
+    closing: Callable[[Session, Ticket], None],
+) -> list[str]:
+    """Close the tickets of `kind` left in `status` (resolved, fulfilled) past their
+    `confirm_deadline`; returns their refs.
+
+    Each is claimed by a conditional update, so a confirmation arriving meanwhile or a second
+    daemon never closes it twice; `closing` records why and tells the requester, in the
+    same transaction. A database error leaves that ticket to the next run.
+    """
+    timeout = desk.settings.incident.confirm_timeout
+    with desk.db.sessions() as session:
+        rows = session.execute(
+            select(Ticket.id, Ticket.resolved_at).where(
+                Ticket.kind == kind,
+                Ticket.status == status,
+                Ticket.resolved_at <= now - timeout,  # working time never outruns the clock
+            )
+        ).all()
+    closed = []
+    for ticket_id, resolved_at in rows:
+        if resolved_at is None or confirm_deadline(desk, resolved_at) > now:
+            continue
+        try:
+            with desk.db.transaction() as session:
+                claimed = session.execute(
+                    update(Ticket)
+                    .where(
+                        Ticket.id == ticket_id,
+                        Ticket.status == status,
+                        Ticket.resolved_at == resolved_at,
+                    )
+                    .values(status="closed", closed_at=now, updated_at=now)
+                    .execution_options(synchronize_session=False)
+                )
+                if claimed.rowcount != 1:  # type: ignore[attr-defined]
+                    continue
+                ticket = session.get(Ticket, ticket_id)
+                assert ticket is not None
+                record(session, ticket, "status", SYSTEM, now,
+                       f"{status} → closed (not confirmed in time)", old=status, new="closed")
+                closing(session, ticket)
+                closed.append(ticket.ref)
+        except SQLAlchemyError:
+            log.exception("closing ticket #%s failed; retried next run", ticket_id)
+    return closed
 
 
 def inbound_count(session: Session, ticket_id: int) -> int:
