@@ -315,12 +315,16 @@ def pending_ids(session: Session, now: datetime, limit: int = 500) -> list[int]:
 
 
 def process_pending(
-    desk: Desk, clock: Callable[[], datetime], stop: Callable[[], bool] | None = None
+    desk: Desk,
+    clock: Callable[[], datetime],
+    stop: Callable[[], bool] | None = None,
+    between_batches: Callable[[], None] | None = None,
 ) -> int:
     """Process everything pending; returns how many rows were handled.
 
-    `stop` is asked between messages (a daemon shutting down finishes the one in hand).
-    Rows another daemon holds or has done meanwhile are passed over and not counted.
+    `stop` is asked between messages (a daemon shutting down finishes the one in hand);
+    `between_batches` is called after each commit, outside any transaction. Rows another
+    daemon holds or has done meanwhile are passed over and not counted.
     """
     done, size = 0, batch_size(desk)
     while True:
@@ -335,6 +339,8 @@ def process_pending(
             for outcome in process_batch(desk, ids[first : first + size], clock, stop):
                 progress += outcome.state in ("processed", "ignored", "quarantined")
                 deferred += outcome.state == "deferred"
+            if between_batches is not None:
+                between_batches()
         done += progress
         if len(ids) < 500 and not (deferred and progress):
             return done

@@ -18,10 +18,10 @@ from __future__ import annotations
 import logging
 from dataclasses import dataclass, field
 from datetime import datetime
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any
 
 from apscheduler.triggers.interval import IntervalTrigger
-from sqlalchemy import or_, select, update
+from sqlalchemy import Row, or_, select, update
 from sqlalchemy.exc import SQLAlchemyError
 from sqlalchemy.orm import Session
 
@@ -56,7 +56,7 @@ class _Due:
     response_breach: bool
 
 
-def _assess(desk: Desk, ticket: Ticket, pauses: list[sla.Pause], now: datetime) -> _Due:
+def _assess(desk: Desk, ticket: Row[Any], pauses: list[sla.Pause], now: datetime) -> _Due:
     cal = desk.calendar(ticket.priority)
     target = desk.target(ticket.priority)
     used = sla.fraction_used(cal, ticket.created_at, now, target.resolve, pauses)
@@ -75,18 +75,36 @@ def _assess(desk: Desk, ticket: Ticket, pauses: list[sla.Pause], now: datetime) 
     )
 
 
-def _open_incidents(session: Session) -> list[Ticket]:
-    """Open incidents with a step still to come (the clock stands still in other statuses)."""
+SCAN_CHUNK = 500  # open incidents read at a time: memory stays flat however many are open
+_SCAN_COLUMNS = (
+    Ticket.id,
+    Ticket.priority,
+    Ticket.created_at,
+    Ticket.responded_at,
+    Ticket.response_breached_at,
+    Ticket.response_due_at,
+    Ticket.sla_warned_at,
+    Ticket.sla_breached_at,
+)
+
+
+def _open_incidents(session: Session, after_id: int) -> list[Row[Any]]:
+    """The next open incidents (by id) with a step still to come — the clock stands still
+    in other statuses — as the few columns the scan reads."""
     return list(
-        session.scalars(
-            select(Ticket).where(
+        session.execute(
+            select(*_SCAN_COLUMNS)
+            .where(
                 Ticket.kind == "incident",
                 Ticket.status == "open",
                 or_(
                     Ticket.sla_breached_at.is_(None),
                     Ticket.responded_at.is_(None) & Ticket.response_breached_at.is_(None),
                 ),
+                Ticket.id > after_id,
             )
+            .order_by(Ticket.id)
+            .limit(SCAN_CHUNK)
         )
     )
 
@@ -179,20 +197,22 @@ def _act(desk: Desk, due: _Due, now: datetime, result: ScanResult) -> None:
 def scan(desk: Desk, now: datetime) -> ScanResult:
     """Warn, escalate and record breaches for every open incident that is due."""
     result = ScanResult()
-    with desk.db.sessions() as session:
-        tickets = _open_incidents(session)
-        history = incidents.status_history(session, [t.id for t in tickets])
-        due = [
-            _assess(desk, t, incidents.pauses_of(history.get(t.id, [])), now) for t in tickets
-        ]
-    for item in due:
-        if not (item.warn or item.breach or item.response_breach):
-            continue
-        try:
-            _act(desk, item, now, result)
-        except SQLAlchemyError:  # e.g. another daemon holds the row: the next scan retries
-            log.exception("SLA step for ticket #%s failed; retried next scan", item.ticket_id)
-    return result
+    after_id = 0
+    while True:
+        with desk.db.sessions() as session:
+            tickets = _open_incidents(session, after_id)
+            history = incidents.status_history(session, [t.id for t in tickets])
+        for ticket in tickets:
+            item = _assess(desk, ticket, incidents.pauses_of(history.get(ticket.id, [])), now)
+            if not (item.warn or item.breach or item.response_breach):
+                continue
+            try:
+                _act(desk, item, now, result)
+            except SQLAlchemyError:  # e.g. another daemon holds the row: the next scan retries
+                log.exception("SLA step for ticket #%s failed; retried next scan", item.ticket_id)
+        if len(tickets) < SCAN_CHUNK:
+            return result
+        after_id = tickets[-1].id
 
 
 def auto_close(desk: Desk, now: datetime) -> ScanResult:
