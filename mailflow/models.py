@@ -94,8 +94,10 @@ class Ticket(Base):
     __tablename__ = "tickets"
     __table_args__ = (
         UniqueConstraint("kind", "number"),
-        # Know-how reuse: recent resolutions of one category (migration 0002).
+        # Know-how reuse: recent resolutions of one category (migration 0002), and of all
+        # categories (0007) — without it the search read every open ticket.
         Index("ix_tickets_similar", "kind", "category", "resolved_at"),
+        Index("ix_tickets_resolved", "kind", "resolved_at"),
     )
 
     id: Mapped[int] = mapped_column(Integer, primary_key=True)
@@ -180,14 +182,18 @@ class Outbox(Base):
     """One outgoing mail to one recipient; the Message-ID is fixed when queued."""
 
     __tablename__ = "outbox"
-    __table_args__ = (Index("ix_outbox_due", "state", "next_attempt_at"),)
+    __table_args__ = (
+        Index("ix_outbox_due", "state", "next_attempt_at"),
+        # Our last mail sent to an address (loop check on every mail; migration 0007).
+        Index("ix_outbox_recipient_sent", "recipient", "state", "sent_at"),
+    )
 
     id: Mapped[int] = mapped_column(Integer, primary_key=True)
     ticket_id: Mapped[int | None] = mapped_column(ForeignKey("tickets.id"), index=True)
     message_id: Mapped[str] = mapped_column(String(500), unique=True)
     template: Mapped[str] = mapped_column(String(100))
     sender: Mapped[str] = mapped_column(String(320))
-    recipient: Mapped[str] = mapped_column(String(320), index=True)
+    recipient: Mapped[str] = mapped_column(String(320))
     subject: Mapped[str] = mapped_column(Text)
     text: Mapped[str] = mapped_column(Text)
     raw: Mapped[bytes] = mapped_column(LargeBinary)

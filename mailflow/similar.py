@@ -118,6 +118,7 @@ def _candidates(ticket: Ticket) -> Select:
         .where(
             Ticket.kind == "incident",
             Ticket.status.in_(("resolved", "closed")),
+            Ticket.resolved_at.is_not(None),  # the indexes' range: never the open tickets
             Ticket.solution.is_not(None),
             Ticket.solution != "",
             Ticket.id != ticket.id,
