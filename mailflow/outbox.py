@@ -77,22 +77,27 @@ def _due(db: Database, now: datetime) -> list[int]:
 def _finish(
     db: Database, row_id: int, now: datetime, cfg: SmtpConfig, error: str | None, permanent: bool
 ) -> str:
-    """Record one attempt's outcome; returns the row's new state."""
+    """Record one attempt's outcome; returns the row's new state (the mail itself, often
+    tens of KB, is not read again)."""
     with db.transaction() as session:
-        row = session.get(Outbox, row_id)
-        assert row is not None
+        row = session.execute(
+            select(Outbox.attempts, Outbox.recipient, Outbox.message_id).where(
+                Outbox.id == row_id
+            )
+        ).one()
+        attempts = row.attempts + 1
+        values: dict[str, object] = {"attempts": attempts}
         with logs.context(msg_id=row.message_id):
-            row.attempts += 1
             if error is None:
-                row.state, row.sent_at, row.last_error = "sent", now, None
-            elif permanent or row.attempts >= cfg.max_attempts:
-                row.state, row.last_error = "dead", error
-                log.error("outbox #%s to %s dead: %s", row.id, row.recipient, error)
+                values.update(state="sent", sent_at=now, last_error=None)
+            elif permanent or attempts >= cfg.max_attempts:
+                values.update(state="dead", last_error=error)
+                log.error("outbox #%s to %s dead: %s", row_id, row.recipient, error)
             else:
-                row.last_error = error
-                row.next_attempt_at = now + backoff(row.attempts)
-                log.warning("outbox #%s to %s retry later: %s", row.id, row.recipient, error)
-        state = row.state
+                values.update(last_error=error, next_attempt_at=now + backoff(attempts))
+                log.warning("outbox #%s to %s retry later: %s", row_id, row.recipient, error)
+        session.execute(update(Outbox).where(Outbox.id == row_id).values(**values))
+    state = str(values.get("state", "queued"))
     exporter.relayed("retry" if state == "queued" else state)
     return state
 
