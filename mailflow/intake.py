@@ -150,9 +150,16 @@ def poll_maildir(desk: Desk, source: MaildirSource, clock: Callable[[], datetime
     return count
 
 
+def ingest_key(raw: bytes, origin: str = "ingest") -> str:
+    """Where a handed-in message comes from: its Message-ID (cut to fit the column, which a
+    490-character one overflowed on PostgreSQL) and a digest of its bytes, so the very same
+    message handed in twice is stored once."""
+    return f"{origin}:{message_id_of(raw)[:400]}:{hashlib.sha256(raw).hexdigest()[:16]}"
+
+
 def ingest_bytes(desk: Desk, raw: bytes, now: datetime, origin: str = "ingest") -> int | None:
     """Store one message handed in directly (`mailflow ingest`); returns its inbound id."""
-    key = f"{origin}:{message_id_of(raw)}:{hashlib.sha256(raw).hexdigest()[:16]}"
+    key = ingest_key(raw, origin)
     with desk.db.transaction() as session:
         row = store(session, origin, key, None, raw, now)
         return row.id if row is not None else None

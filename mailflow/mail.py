@@ -83,6 +83,8 @@ class ParsedMail:
 
 # --------------------------------------------------------------------------- charsets
 
+MESSAGE_ID_LIMIT = 490  # characters kept of a Message-ID (the columns hold 500)
+
 _CHARSET_ALIASES = {
     "gb2312": "gb18030",
     "gbk": "gb18030",
@@ -723,7 +725,7 @@ def _fill(mail: ParsedMail, data: bytes, max_bytes: int, max_count: int, max_cha
 
     ids = _msgids(first.get("message-id"))
     if ids:
-        mail.message_id, mail.has_message_id = ids[0].strip(), True
+        mail.message_id, mail.has_message_id = ids[0].strip()[:MESSAGE_ID_LIMIT], True
     mail.in_reply_to = _msgids(first.get("in-reply-to"))
     mail.references = [i for v in every.get("references", []) for i in _msgids(v)]
 

@@ -23,7 +23,7 @@ from sqlalchemy.orm import Session
 
 from mailflow import approvals, exporter, guard, incidents, logs, requests, tracking
 from mailflow.desk import Desk
-from mailflow.mail import ParsedMail
+from mailflow.mail import MESSAGE_ID_LIMIT, ParsedMail
 from mailflow.mailboxes import with_mailbox_defaults
 from mailflow.models import Inbound, Ticket
 from mailflow.tickets import open_ticket, record
@@ -52,7 +52,7 @@ def message_id_of(raw: bytes) -> str:
         inner = re.search(r"<([^<>]+)>", value)
         value = inner.group(1).strip() if inner else value
         if value:
-            return value[:490]
+            return value[:MESSAGE_ID_LIMIT]
     return f"sha256-{hashlib.sha256(raw).hexdigest()}@mailflow.invalid"
 
 
@@ -272,7 +272,7 @@ def _answers_pending(session: Session, inbound: Inbound) -> bool:
     end = _HEADER_END.search(inbound.raw)
     head = inbound.raw[: end.start()] if end else inbound.raw[:65536]
     refs = {
-        ref.decode("ascii", "replace").strip()[:490]
+        ref.decode("ascii", "replace").strip()[:MESSAGE_ID_LIMIT]
         for value in _THREAD_HEADERS.findall(head)
         for ref in re.findall(rb"<([^<>\s\x00-\x1f\x7f]+)>", value)
     }
