@@ -521,6 +521,11 @@ class ImapSource:
                 f"({type(exc).__name__}: {exc}): check [imap] host/port/security and the network"
             ) from exc
         except imap_errors.IMAPClientError as exc:
+            if action == "IDLE":
+                # E.g. "* 3 EXISTS" before "+ idling" (mail that came after the last poll):
+                # imapclient gives up although the server is idling. The session's state is
+                # unknown, so it is dropped; the reconnection polls and finds the mail.
+                self.close()
             raise SourceError(f"IMAP {action} failed on {where}: {exc}") from exc
 
 
