@@ -28,7 +28,7 @@ from support import DESK, REPO, body_of, desk_config, make_desk, make_mail, pars
 
 from mailflow import pipeline
 from mailflow.cli import main
-from mailflow.config import load_config
+from mailflow.config import ROLE_KEYS, load_config
 from mailflow.desk import Desk
 from mailflow.intake import ingest_bytes, ingest_key
 from mailflow.mail import ParsedMail, parse
@@ -156,19 +156,7 @@ def test_hostile_mail_over_the_real_servers(desk, mailbox, smtp, clock, capsys):
     finally:
         client.logout()
     roles = desk.settings.roles
-    staff = {
-        a
-        for key in (
-            "service_desk",
-            "service_desk_lead",
-            "l2",
-            "l3",
-            "incident_manager",
-            "post_lead",
-            "problem_manager",
-        )
-        for a in getattr(roles, key)
-    }
+    staff = {a for key in ROLE_KEYS for a in getattr(roles, key)}
     staff |= {
         a
         for group in (roles.approvers, roles.executors)
