@@ -204,6 +204,7 @@ class RequestSettings:
 class DigestSettings:
     time: time = time(8, 30)
     send_empty: bool = False
+    max_rows: int = 50
     weekly_report: str = "mon 09:00"
     monthly_report: str = "1 09:00"
 
@@ -679,9 +680,12 @@ def _read(path: Path) -> tuple[Settings | None, list[Problem]]:
     digest = DigestSettings(
         time=r.parsed("digest", "time", time(8, 30), _clock),
         send_empty=r.get("digest", "send_empty", bool, False),
+        max_rows=r.get("digest", "max_rows", int, 50),
         weekly_report=r.get("digest", "weekly_report", str, "mon 09:00"),
         monthly_report=r.get("digest", "monthly_report", str, "1 09:00"),
     )
+    if digest.max_rows < 1:
+        r.problem("digest.max_rows", f"must be at least 1, got {digest.max_rows}")
     for key, parse in (("weekly_report", weekly_schedule), ("monthly_report", monthly_schedule)):
         try:
             parse(getattr(digest, key))

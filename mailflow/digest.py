@@ -4,6 +4,7 @@ Each person gets the sections of every role they hold, in one mail:
 - engineers (L1/L2/L3/IM members, and anyone with incidents assigned): the open incidents
   their tier owns or they are assigned, oldest first, with SLA state and time waited;
 - approvers: the requests waiting for their decision, with how to answer;
+  (both lists show at most `[digest] max_rows` entries, with the counts of all of them);
 - incident manager and service desk lead: yesterday's figures, open incidents by tier and
   priority, major incidents, breaches, escalations, and the target achievement rate for
   yesterday and the month to date (same definitions as the report, docs/metrics.md).
@@ -78,6 +79,20 @@ class QueueRow:
 
 
 @dataclass(frozen=True)
+class Listing:
+    """One list of the managers' overview: its first `LISTED` rows and how many in all."""
+
+    rows: list[QueueRow]
+    total: int
+
+    def __bool__(self) -> bool:
+        return self.total > 0
+
+
+LISTED = 20  # rows per list of the managers' overview
+
+
+@dataclass(frozen=True)
 class ApprovalRow:
     """One request waiting for an approver's decision."""
 
@@ -97,8 +112,7 @@ class Snapshot:
     day: date
     yesterday: date
     now: datetime
-    open: list[Facts]
-    rows: dict[str, QueueRow]
+    open: list[Facts]  # oldest first
     approvals: dict[str, list[ApprovalRow]] = field(default_factory=dict)
     overview: dict[str, Any] = field(default_factory=dict)
 
@@ -188,30 +202,28 @@ def _overview(desk: Desk, facts: list[Facts], yesterday: date, now: datetime) ->
     for f in open_:
         by_tier.setdefault(f.tier or "-", Counter())[f.priority] += 1
     tiers = [t for t in (*TIERS, *sorted(by_tier)) if t in by_tier]
+
+    def listing(chosen: list[Facts]) -> Listing:
+        return Listing([_row(f, now, warn_at) for f in chosen[:LISTED]], len(chosen))
+
     return {
         "date": yesterday,
         "month_since": yesterday.replace(day=1),
         "day": day,
         "month": month,
         "new_requests": _count_requests(desk, y_start, y_end),
-        "new": [_row(f, now, warn_at) for f in facts if y_start <= f.created_at < y_end],
-        "resolved": [
-            _row(f, now, warn_at)
-            for f in facts
-            if f.resolved_at and y_start <= f.resolved_at < y_end
-        ],
-        "reopened": [
-            _row(f, now, warn_at) for f in facts if metrics.in_window(f.reopens, y_start, y_end)
-        ],
-        "escalated": [
-            _row(f, now, warn_at) for f in facts if metrics.in_window(f.escalations, y_start, y_end)
-        ],
-        "breaches": [_row(f, now, warn_at) for f in facts if f.missed_in(y_start, y_end, now)],
-        "major": [
-            _row(f, now, warn_at)
-            for f in facts
-            if f.major and (f.is_open or y_start <= f.created_at < y_end)
-        ],
+        "new": listing([f for f in facts if y_start <= f.created_at < y_end]),
+        "resolved": listing(
+            [f for f in facts if f.resolved_at and y_start <= f.resolved_at < y_end]
+        ),
+        "reopened": listing([f for f in facts if metrics.in_window(f.reopens, y_start, y_end)]),
+        "escalated": listing(
+            [f for f in facts if metrics.in_window(f.escalations, y_start, y_end)]
+        ),
+        "breaches": listing([f for f in facts if f.missed_in(y_start, y_end, now)]),
+        "major": listing(
+            [f for f in facts if f.major and (f.is_open or y_start <= f.created_at < y_end)]
+        ),
         "open_total": len(open_),
         "open_breached": sum(f.sla_state(warn_at) == "breached" for f in open_),
         "open_at_risk": sum(f.sla_state(warn_at) == "at_risk" for f in open_),
@@ -233,7 +245,6 @@ def _count_requests(desk: Desk, start: datetime, end: datetime) -> int:
 def snapshot(desk: Desk, now: datetime) -> Snapshot:
     """Read the day's digest data once, for everybody."""
     day = now.astimezone(desk.settings.desk.tz).date()
-    warn_at = desk.settings.sla.warn_at
     month_start, _ = report.window(
         (day - timedelta(days=1)).replace(day=1), day, desk.settings.desk.tz
     )
@@ -246,7 +257,6 @@ def snapshot(desk: Desk, now: datetime) -> Snapshot:
         yesterday=day - timedelta(days=1),
         now=now,
         open=open_,
-        rows={f.ref: _row(f, now, warn_at) for f in open_},
         approvals=approvals,
     )
     snap.overview = _overview(desk, facts, snap.yesterday, now)
@@ -283,12 +293,31 @@ def people(desk: Desk, snap: Snapshot) -> dict[str, list[str]]:
     return {a: sorted(r, key=order.index) for a, r in out.items()}
 
 
-def queue_for(desk: Desk, snap: Snapshot, address: str) -> list[QueueRow]:
-    """Open incidents the person's tiers own or the person is assigned, oldest first."""
+@dataclass
+class Queue:
+    """A person's open incidents: the oldest `shown` as rows, the states of all of them."""
+
+    rows: list[QueueRow] = field(default_factory=list)
+    states: Counter[str] = field(default_factory=Counter)
+    total: int = 0
+
+
+def queue_for(desk: Desk, snap: Snapshot, address: str) -> Queue:
+    """Open incidents the person's tiers own or the person is assigned, oldest first.
+
+    Rows are built only for the incidents shown, so a backlog of tens of thousands costs
+    a counter, not a row each."""
     roles = desk.settings.roles
     tiers = {t for t in TIERS if address in roles.tier_members(t)}
-    mine = [f for f in snap.open if f.tier in tiers or f.assignee == address]
-    return [snap.rows[f.ref] for f in sorted(mine, key=lambda f: (f.created_at, f.id))]
+    warn_at, shown = desk.settings.sla.warn_at, desk.settings.digest.max_rows
+    queue = Queue()
+    for f in snap.open:
+        if f.tier in tiers or f.assignee == address:
+            queue.total += 1
+            queue.states[f.sla_state(warn_at)] += 1
+            if len(queue.rows) < shown:
+                queue.rows.append(_row(f, snap.now, warn_at))
+    return queue
 
 
 def _overview_empty(overview: dict[str, Any]) -> bool:
@@ -302,18 +331,20 @@ def _overview_empty(overview: dict[str, Any]) -> bool:
 
 def context_for(desk: Desk, snap: Snapshot, address: str, roles: list[str]) -> dict[str, Any]:
     """The template context of one person's digest; `empty` when it has nothing to say."""
-    queue = queue_for(desk, snap, address) if "engineer" in roles else []
+    queue = queue_for(desk, snap, address) if "engineer" in roles else Queue()
     approvals = snap.approvals.get(address, []) if "approver" in roles else []
     overview = snap.overview if "manager" in roles else None
-    empty = not queue and not approvals and (overview is None or _overview_empty(overview))
+    empty = not queue.total and not approvals and (overview is None or _overview_empty(overview))
     return {
         "recipient": address,
         "roles": roles,
         "day": snap.day,
         "as_of": snap.now,
-        "queue": queue,
-        "states": Counter(row.state for row in queue),
-        "approvals": approvals,
+        "queue": queue.rows,  # a mail of 40,000 lines helps nobody: the counts cover the rest
+        "queue_total": queue.total,
+        "states": queue.states,
+        "approvals": approvals[: desk.settings.digest.max_rows],
+        "approvals_total": len(approvals),
         "overview": overview,
         "empty": empty,
     }

@@ -40,7 +40,7 @@ ACTION_STATUS = {
 }
 
 
-@dataclass
+@dataclass(slots=True)  # one per incident of the period: tens of thousands in a backlog
 class Facts:
     """What the event log says about one incident, as of `now`."""
 

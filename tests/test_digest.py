@@ -17,6 +17,7 @@ from support import DESK, body_of, make_desk, make_mail, parsed, reply, run_once
 
 from mailflow import digest, jobs
 from mailflow.cli import main
+from mailflow.config import ConfigError
 from mailflow.desk import Desk
 from mailflow.models import Inbound, JobRun, Outbox, Ticket
 
@@ -137,6 +138,35 @@ def test_manager_digest_figures(built):
     resolved = _lines(text, "昨日解决")
     assert _refs(resolved) == ["INC-3"] and "已于 2026-11-23 11:00 解决（按时" in resolved[0]
     assert built["lead@example.test"].text.replace("lead@", "im@") == text
+
+
+def test_long_lists_show_the_oldest_rows_and_count_all(tmp_path, monkeypatch):
+    """A backlog of thousands must not make a mail of thousands of lines (nor hold a row
+    per incident in memory): `max_rows` rows are listed, the counts still cover all."""
+    monkeypatch.setattr(digest, "LISTED", 2)  # the managers' lists, normally 20
+    desk = scenario_desk(tmp_path, digest={"max_rows": 2})
+    try:
+        november(desk)
+        items = {i.recipient: i for i in digest.run_digests(desk, NOW, dry_run=True)}
+    finally:
+        desk.close()
+    engineer = items["desk1@example.test"]
+    assert engineer.subject == "每日待办 2026-11-24：4 件未解决事件，2 件已超时"
+    assert "（4 件：已超时 2，即将超时 1，正常 1）" in engineer.text
+    queue = _lines(engineer.text, "您负责的未解决事件")
+    assert _refs(queue) == ["INC-4", "INC-1"]  # the oldest two of four
+    assert "……另有 2 件未列出 / and 2 more not listed" in queue
+    manager = items["im@example.test"].text
+    new = _lines(manager, "昨日新事件")
+    assert "昨日新事件 / New yesterday（4）：" in manager
+    assert _refs(new) == ["INC-3", "INC-5"] and new[-1] == "……另有 2 件"
+    assert _refs(_lines(manager, "重大事件")) == ["INC-7"]  # a short list: no "more" line
+    assert "另有" not in "\n".join(_lines(manager, "重大事件"))
+
+
+def test_max_rows_must_be_positive(tmp_path):
+    with pytest.raises(ConfigError, match="digest.max_rows"):
+        scenario_desk(tmp_path, digest={"max_rows": 0})
 
 
 def test_figures_agree_with_the_report(nov_desk):
