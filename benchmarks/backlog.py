@@ -4,9 +4,13 @@
 The mails go into a real Dovecot first (realistic desk mail, 2–20 KB, 30% replies); the
 daemon's notifications go to an SMTP server that only counts them (keeping 100,000+ mails
 in memory would measure the sink, not mailflow). Each line: elapsed time, mails processed,
-the rate over the last interval, outbox queued/sent, and the daemon's RSS.
+the rate over the last interval, outbox queued/sent, digests queued, and the daemon's RSS.
 
-    python benchmarks/backlog.py [--n 50000] [--interval 30] [--database URL]
+The daily digest is set to fire `--digest-after` seconds into the run, as a real desk's
+would on a long backlog: it reads every open incident, so its memory shows up here too.
+
+    python benchmarks/backlog.py [--n 50000] [--interval 30] [--digest-after 1200]
+                                 [--database URL]
 """
 
 from __future__ import annotations
@@ -16,7 +20,9 @@ import shutil
 import sys
 import tempfile
 import time
+from datetime import datetime, timedelta
 from pathlib import Path
+from zoneinfo import ZoneInfo
 
 HERE = Path(__file__).resolve().parent
 sys.path[:0] = [str(HERE), str(HERE.parent / "tests")]
@@ -31,7 +37,7 @@ from support import desk_config  # noqa: E402
 
 from mailflow.config import load_config  # noqa: E402
 from mailflow.desk import Desk  # noqa: E402
-from mailflow.models import Inbound, Outbox  # noqa: E402
+from mailflow.models import Inbound, JobRun, Outbox  # noqa: E402
 
 CHUNK = 1000
 
@@ -75,14 +81,21 @@ def rss_mb(pid: int) -> float:
     return float("nan")
 
 
-def progress(desk: Desk) -> tuple[int, int, int, int]:
-    """(inbound stored, inbound done, outbox queued, outbox sent)."""
+def progress(desk: Desk) -> tuple[int, int, int, int, int]:
+    """(inbound stored, inbound done, outbox queued, outbox sent, digests queued)."""
     with desk.db.sessions() as s:
         stored = s.scalar(select(func.count(Inbound.id))) or 0
         done = s.scalar(select(func.count()).where(Inbound.state != "pending")) or 0
         queued = s.scalar(select(func.count()).where(Outbox.state == "queued")) or 0
         sent = s.scalar(select(func.count()).where(Outbox.state == "sent")) or 0
-    return stored, done, queued, sent
+        digests = s.scalar(select(func.count()).where(JobRun.job == "digest")) or 0
+    return stored, done, queued, sent, digests
+
+
+def digest_time(after: float, tz: str = "Asia/Shanghai") -> str:
+    """The desk-local "HH:MM" at least `after` seconds from now (the digest's hour)."""
+    at = datetime.now(ZoneInfo(tz)) + timedelta(seconds=after + 59)
+    return at.strftime("%H:%M")
 
 
 def private_schema(url: str | None, schema: str) -> str | None:
@@ -99,6 +112,8 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--n", type=int, default=50_000)
     parser.add_argument("--interval", type=float, default=30.0)
+    parser.add_argument("--digest-after", type=float, default=1200.0,
+                        help="seconds into the run when the daily digest fires")
     parser.add_argument("--database", help="database URL (default: SQLite in a temp dir)")
     args = parser.parse_args()
     work = Path(tempfile.mkdtemp(prefix="mailflow-backlog-"))
@@ -115,7 +130,8 @@ def main() -> None:
         config = desk_config(
             work, mailbox=box, smtp=sink, database_url=database,
             desk={"poll_interval": 5.0},
-            digest={"weekly_report": "off", "monthly_report": "off"},
+            digest={"time": digest_time(args.digest_after), "weekly_report": "off",
+                    "monthly_report": "off"},
             log={"format": "logfmt", "level": "WARNING"},
         )
         desk = Desk(load_config(config))
@@ -124,17 +140,17 @@ def main() -> None:
         last_done, last_t, samples = 0, started, []
         try:
             print(f"{'s':>6} {'stored':>7} {'done':>7} {'msg/s':>6} {'queued':>7} {'sent':>7} "
-                  f"{'rss MB':>7}", flush=True)
+                  f"{'digest':>6} {'rss MB':>7}", flush=True)
             while True:
                 time.sleep(args.interval)
                 now = time.perf_counter()
-                stored, done, queued, sent = progress(desk)
+                stored, done, queued, sent, digests = progress(desk)
                 rss = rss_mb(daemon.pid)
                 samples.append(rss)
                 rate = (done - last_done) / (now - last_t)
                 last_done, last_t = done, now
                 print(f"{now - started:6.0f} {stored:7d} {done:7d} {rate:6.1f} {queued:7d} "
-                      f"{sent:7d} {rss:7.1f}", flush=True)
+                      f"{sent:7d} {digests:6d} {rss:7.1f}", flush=True)
                 if done >= args.n and queued == 0:
                     break
                 if daemon.poll() is not None:

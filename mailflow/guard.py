@@ -31,7 +31,7 @@ from datetime import datetime, timedelta
 from email.utils import getaddresses
 from typing import TYPE_CHECKING
 
-from sqlalchemy import delete, func, select
+from sqlalchemy import delete, false, func, or_, select
 from sqlalchemy.orm import Session
 
 from mailflow import notify
@@ -244,11 +244,17 @@ def may_mail(session: Session, desk: Desk, address: str, now: datetime) -> bool:
     return _automatic_reply(session, desk, ctx, now)
 
 
-def _count(session: Session, where: object, now: datetime) -> int:
-    query = select(func.count(AutoReply.id)).where(
-        where, AutoReply.outcome == "sent", AutoReply.at > now - HOUR
+def _sent_last_hour(
+    session: Session, sender: str, ticket_id: int | None, now: datetime
+) -> tuple[int, int]:
+    """Automatic replies sent in the last hour to the sender, and on the ticket: one query."""
+    mine = AutoReply.address == sender
+    ours = AutoReply.ticket_id == ticket_id if ticket_id is not None else false()
+    query = select(func.count().filter(mine), func.count().filter(ours)).where(
+        or_(mine, ours), AutoReply.outcome == "sent", AutoReply.at > now - HOUR
     )
-    return session.scalar(query) or 0
+    to_sender, on_ticket = session.execute(query).one()
+    return to_sender, on_ticket
 
 
 def _automatic_reply(session: Session, desk: Desk, ctx: Context, now: datetime) -> bool:
@@ -257,7 +263,8 @@ def _automatic_reply(session: Session, desk: Desk, ctx: Context, now: datetime) 
     ticket_id = ctx.ticket.id if ctx.ticket is not None else None
     why, key = ctx.quiet, None
     if why is None:
-        sent = _count(session, AutoReply.address == ctx.sender, now) + ctx.sent
+        to_sender, on_ticket = _sent_last_hour(session, ctx.sender, ticket_id, now)
+        sent = to_sender + ctx.sent
         if sent >= limits.auto_replies_per_sender_per_hour:
             why = (
                 f"{sent} automatic replies to {ctx.sender} in the last hour "
@@ -265,10 +272,11 @@ def _automatic_reply(session: Session, desk: Desk, ctx: Context, now: datetime) 
                 f"{limits.auto_replies_per_sender_per_hour})"
             )
             key = f"cap:sender:{ctx.sender}"
-    if why is None and ticket_id is not None:
-        sent = _count(session, AutoReply.ticket_id == ticket_id, now) + ctx.sent
-        if sent >= limits.auto_replies_per_ticket_per_hour:
+        elif ticket_id is not None and on_ticket + ctx.sent >= (
+            limits.auto_replies_per_ticket_per_hour
+        ):
             assert ctx.ticket is not None
+            sent = on_ticket + ctx.sent
             why = (
                 f"{sent} automatic replies on {ctx.ticket.ref} in the last hour "
                 f"(limits.auto_replies_per_ticket_per_hour = "

@@ -18,7 +18,7 @@ from collections import Counter
 from functools import lru_cache
 from typing import NamedTuple
 
-from sqlalchemy import Select, select
+from sqlalchemy import Integer, Select, bindparam, select
 from sqlalchemy.orm import Session
 
 from mailflow.models import Ticket
@@ -112,7 +112,10 @@ def rank(
     return [(score, doc_id) for score, _, doc_id in scored[:limit]]
 
 
-def _candidates(ticket: Ticket) -> Select:
+def _candidates(same_category: bool) -> Select:
+    """Resolved incidents with a solution, newest first: built once (building costs as
+    much as running it), with the ticket, its category and the row limit bound per call."""
+    category = Ticket.category == bindparam("category")
     return (
         select(Ticket.id, Ticket.subject, Ticket.description)
         .where(
@@ -121,10 +124,15 @@ def _candidates(ticket: Ticket) -> Select:
             Ticket.resolved_at.is_not(None),  # the indexes' range: never the open tickets
             Ticket.solution.is_not(None),
             Ticket.solution != "",
-            Ticket.id != ticket.id,
+            Ticket.id != bindparam("ticket_id"),
+            category if same_category else ~category,
         )
         .order_by(Ticket.resolved_at.desc(), Ticket.id.desc())
+        .limit(bindparam("limit", type_=Integer))
     )
+
+
+_SAME_CATEGORY, _OTHER_CATEGORIES = _candidates(True), _candidates(False)
 
 
 def similar_resolved(session: Session, ticket: Ticket, limit: int = 3) -> list[Ticket]:
@@ -132,20 +140,15 @@ def similar_resolved(session: Session, ticket: Ticket, limit: int = 3) -> list[T
     query = profile(ticket.subject or "", ticket.description or "")
     if limit <= 0 or not query.weights:
         return []
-    base = _candidates(ticket)
-    rows = [
-        (doc_id, profile(subject or "", description or ""), 1.0)
-        for doc_id, subject, description in session.execute(
-            base.where(Ticket.category == ticket.category).limit(CANDIDATES)
-        )
-    ]
-    if len(rows) < CANDIDATES:
-        rows += [
-            (doc_id, profile(subject or "", description or ""), OTHER_CATEGORY)
-            for doc_id, subject, description in session.execute(
-                base.where(Ticket.category != ticket.category).limit(CANDIDATES - len(rows))
-            )
-        ]
+    rows: list[tuple[int, Profile, float]] = []
+    for statement, factor in ((_SAME_CATEGORY, 1.0), (_OTHER_CATEGORIES, OTHER_CATEGORY)):
+        params = {"ticket_id": ticket.id, "category": ticket.category}
+        for doc_id, subject, text in session.execute(
+            statement, {**params, "limit": CANDIDATES - len(rows)}
+        ):
+            rows.append((doc_id, profile(subject or "", text or ""), factor))
+        if len(rows) >= CANDIDATES:
+            break
     best = rank(query, rows, limit)
     found = [session.get(Ticket, doc_id) for _, doc_id in best]
     return [t for t in found if t is not None]
