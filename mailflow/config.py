@@ -202,7 +202,7 @@ class RequestSettings:
 
 @dataclass(frozen=True)
 class DigestSettings:
-    time: time = time(8, 30)
+    time: time | None = time(8, 30)  # None: no daily digests ("off")
     send_empty: bool = False
     max_rows: int = 50
     weekly_report: str = "mon 09:00"
@@ -346,6 +346,11 @@ def _clock(value: Any) -> time:
         raise ValueError(f"must be a time of day like '08:30', got {value!r}")
     hour, minute = map(int, value.split(":"))
     return time(hour, minute)
+
+
+def _clock_or_off(value: Any) -> time | None:
+    """`[digest] time`: "08:30", or "off" for no daily digests."""
+    return None if isinstance(value, str) and value.strip().lower() == "off" else _clock(value)
 
 
 WEEKDAYS = ("mon", "tue", "wed", "thu", "fri", "sat", "sun")
@@ -678,7 +683,7 @@ def _read(path: Path) -> tuple[Settings | None, list[Problem]]:
     requests = _request_settings(r, roles)
 
     digest = DigestSettings(
-        time=r.parsed("digest", "time", time(8, 30), _clock),
+        time=r.parsed("digest", "time", time(8, 30), _clock_or_off),
         send_empty=r.get("digest", "send_empty", bool, False),
         max_rows=r.get("digest", "max_rows", int, 50),
         weekly_report=r.get("digest", "weekly_report", str, "mon 09:00"),

@@ -9,7 +9,8 @@ Each person gets the sections of every role they hold, in one mail:
   priority, major incidents, breaches, escalations, and the target achievement rate for
   yesterday and the month to date (same definitions as the report, docs/metrics.md).
 
-Nobody gets an empty digest unless `[digest] send_empty`. Sending is claimed in the
+Nobody gets an empty digest unless `[digest] send_empty`; `[digest] time = "off"` sends none
+(`mailflow digest` still builds them on demand). Sending is claimed in the
 `job_runs` table under ("digest", "<local date>:<address>") in the same transaction that
 queues the mail, so several daemons or a restart across the hour send it once; a daemon
 that was down at the hour sends it when it comes back (the job catches up at start).
@@ -20,7 +21,7 @@ from __future__ import annotations
 import logging
 from collections import Counter
 from dataclasses import dataclass, field
-from datetime import date, datetime, timedelta
+from datetime import date, datetime, time, timedelta
 from typing import TYPE_CHECKING, Any
 
 from apscheduler.triggers.cron import CronTrigger
@@ -403,8 +404,8 @@ def run_digests(desk: Desk, now: datetime, dry_run: bool = False) -> list[Digest
 
 def due(desk: Desk, now: datetime) -> bool:
     """Whether today's digest time has come in the desk's time zone."""
-    local = now.astimezone(desk.settings.desk.tz)
-    return local.time() >= desk.settings.digest.time
+    at = desk.settings.digest.time
+    return at is not None and now.astimezone(desk.settings.desk.tz).time() >= at
 
 
 def run_scheduled(desk: Desk, now: datetime) -> list[DigestItem]:
@@ -413,7 +414,7 @@ def run_scheduled(desk: Desk, now: datetime) -> list[DigestItem]:
 
 
 def _trigger(desk: Desk) -> CronTrigger:
-    at = desk.settings.digest.time
+    at = desk.settings.digest.time or time(8, 30)  # "off": wakes daily, sends nothing
     return CronTrigger(hour=at.hour, minute=at.minute, timezone=desk.settings.desk.timezone)
 
 

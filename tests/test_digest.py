@@ -297,6 +297,20 @@ def test_digest_job_fires_at_the_configured_local_time(tmp_path):
     desk.close()
 
 
+def test_digest_off_sends_none_on_schedule_but_builds_on_demand(tmp_path):
+    desk = scenario_desk(tmp_path, digest={"time": "off"})
+    try:
+        november(desk)
+        assert not digest.due(desk, local("2026-11-24 23:59"))
+        assert digest.run_scheduled(desk, local("2026-11-24 23:59")) == []
+        with desk.db.sessions() as session:
+            assert session.scalar(select(func.count()).select_from(JobRun)) == 0
+        built = digest.run_digests(desk, NOW, dry_run=True)  # `mailflow digest --dry-run`
+        assert {item.recipient for item in built} == set(EXPECTED)
+    finally:
+        desk.close()
+
+
 # -- the CLI and the real servers ---------------------------------------------------------
 
 
