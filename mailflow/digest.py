@@ -3,8 +3,8 @@
 Each person gets the sections of every role they hold, in one mail:
 - engineers (L1/L2/L3/IM members, and anyone with incidents assigned): the open incidents
   their tier owns or they are assigned, oldest first, with SLA state and time waited;
-- approvers: the requests waiting for their decision, with how to answer;
-  (both lists show at most `[digest] max_rows` entries, with the counts of all of them);
+- approvers: the requests waiting for their decision, with how to answer (these two lists
+  show at most `[digest] max_rows` entries; their counts cover all);
 - incident manager and service desk lead: yesterday's figures, open incidents by tier and
   priority, major incidents, breaches, escalations, and the target achievement rate for
   yesterday and the month to date (same definitions as the report, docs/metrics.md).
@@ -296,7 +296,7 @@ def people(desk: Desk, snap: Snapshot) -> dict[str, list[str]]:
 
 @dataclass
 class Queue:
-    """A person's open incidents: the oldest `shown` as rows, the states of all of them."""
+    """A person's open incidents: the oldest `[digest] max_rows` as rows, counts of all."""
 
     rows: list[QueueRow] = field(default_factory=list)
     states: Counter[str] = field(default_factory=Counter)
