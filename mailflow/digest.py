@@ -79,7 +79,7 @@ class QueueRow:
     within_target: bool = False
 
 
-@dataclass(frozen=True)
+@dataclass
 class Listing:
     """One list of the managers' overview: its first `LISTED` rows and how many in all."""
 
@@ -91,6 +91,7 @@ class Listing:
 
 
 LISTED = 20  # rows per list of the managers' overview
+LISTS = ("new", "resolved", "reopened", "escalated", "breaches", "major")
 
 
 @dataclass(frozen=True)
@@ -113,7 +114,7 @@ class Snapshot:
     day: date
     yesterday: date
     now: datetime
-    open: list[Facts]  # oldest first
+    queues: dict[str, Queue]  # by engineer's address
     approvals: dict[str, list[ApprovalRow]] = field(default_factory=dict)
     overview: dict[str, Any] = field(default_factory=dict)
 
@@ -190,47 +191,85 @@ def _approvals(session: Session, desk: Desk, now: datetime) -> dict[str, list[Ap
     return out
 
 
-def _overview(desk: Desk, facts: list[Facts], yesterday: date, now: datetime) -> dict[str, Any]:
-    """The managers' section: yesterday, open incidents, breaches and the rate."""
-    tz = desk.settings.desk.tz
-    y_start, y_end = report.window(yesterday, yesterday, tz)
-    m_start, _ = report.window(yesterday.replace(day=1), yesterday, tz)
-    day = report.summarize(facts, y_start, y_end, now)
-    month = report.summarize(facts, m_start, y_end, now)
-    open_ = [f for f in facts if f.is_open]
-    warn_at = desk.settings.sla.warn_at
-    by_tier: dict[str, Counter[str]] = {}
-    for f in open_:
-        by_tier.setdefault(f.tier or "-", Counter())[f.priority] += 1
-    tiers = [t for t in (*TIERS, *sorted(by_tier)) if t in by_tier]
+@dataclass
+class Queue:
+    """A person's open incidents: the oldest `[digest] max_rows` as rows, counts of all."""
 
-    def listing(chosen: list[Facts]) -> Listing:
-        return Listing([_row(f, now, warn_at) for f in chosen[:LISTED]], len(chosen))
+    rows: list[QueueRow] = field(default_factory=list)
+    states: Counter[str] = field(default_factory=Counter)
+    total: int = 0
 
-    return {
-        "date": yesterday,
-        "month_since": yesterday.replace(day=1),
-        "day": day,
-        "month": month,
-        "new_requests": _count_requests(desk, y_start, y_end),
-        "new": listing([f for f in facts if y_start <= f.created_at < y_end]),
-        "resolved": listing(
-            [f for f in facts if f.resolved_at and y_start <= f.resolved_at < y_end]
-        ),
-        "reopened": listing([f for f in facts if metrics.in_window(f.reopens, y_start, y_end)]),
-        "escalated": listing(
-            [f for f in facts if metrics.in_window(f.escalations, y_start, y_end)]
-        ),
-        "breaches": listing([f for f in facts if f.missed_in(y_start, y_end, now)]),
-        "major": listing(
-            [f for f in facts if f.major and (f.is_open or y_start <= f.created_at < y_end)]
-        ),
-        "open_total": len(open_),
-        "open_breached": sum(f.sla_state(warn_at) == "breached" for f in open_),
-        "open_at_risk": sum(f.sla_state(warn_at) == "at_risk" for f in open_),
-        "by_tier": {t: {p: by_tier[t][p] for p in report.PRIORITIES} for t in tiers},
-        "by_priority": {p: sum(c[p] for c in by_tier.values()) for p in report.PRIORITIES},
-    }
+
+class _Reader:
+    """Takes the incidents one at a time (oldest first) and keeps only what the digests
+    show: counters, summaries, and the first rows of each list — so the memory it needs
+    does not grow with the number of open incidents."""
+
+    def __init__(self, desk: Desk, yesterday: date, now: datetime) -> None:
+        tz = desk.settings.desk.tz
+        self.now, self.yesterday = now, yesterday
+        self.warn_at, self.shown = desk.settings.sla.warn_at, desk.settings.digest.max_rows
+        self.y_start, self.y_end = report.window(yesterday, yesterday, tz)
+        m_start, _ = report.window(yesterday.replace(day=1), yesterday, tz)
+        self.day = report.Summary(self.y_start, self.y_end, now)
+        self.month = report.Summary(m_start, self.y_end, now)
+        self.lists = {name: Listing([], 0) for name in LISTS}
+        self.by_tier: dict[str, Counter[str]] = {}
+        self.states: Counter[str] = Counter()
+        roles = desk.settings.roles
+        self.members = {t: [a.lower() for a in roles.tier_members(t)] for t in TIERS}
+        # An engineer's queue: what their tiers own or they are assigned.
+        self.queues = {a: Queue() for members in self.members.values() for a in members}
+
+    def add(self, f: Facts) -> None:
+        self.day.add(f)
+        self.month.add(f)
+        y_start, y_end = self.y_start, self.y_end
+        for name, listed in (
+            ("new", y_start <= f.created_at < y_end),
+            ("resolved", f.resolved_at is not None and y_start <= f.resolved_at < y_end),
+            ("reopened", bool(metrics.in_window(f.reopens, y_start, y_end))),
+            ("escalated", bool(metrics.in_window(f.escalations, y_start, y_end))),
+            ("breaches", f.missed_in(y_start, y_end, self.now)),
+            ("major", f.major and (f.is_open or y_start <= f.created_at < y_end)),
+        ):
+            if listed:
+                self._list(self.lists[name], f, LISTED)
+        if f.is_open:
+            self.by_tier.setdefault(f.tier or "-", Counter())[f.priority] += 1
+            self.states[f.sla_state(self.warn_at)] += 1
+            owners = set(self.members.get(f.tier or "", ()))
+            if f.assignee:
+                owners.add(f.assignee.lower())
+            for owner in owners:
+                queue = self.queues.setdefault(owner, Queue())
+                queue.total += 1
+                queue.states[f.sla_state(self.warn_at)] += 1
+                if len(queue.rows) < self.shown:
+                    queue.rows.append(_row(f, self.now, self.warn_at))
+
+    def _list(self, listing: Listing, f: Facts, limit: int) -> None:
+        listing.total += 1
+        if len(listing.rows) < limit:
+            listing.rows.append(_row(f, self.now, self.warn_at))
+
+    def overview(self, desk: Desk) -> dict[str, Any]:
+        """The managers' section: yesterday, open incidents, breaches and the rate."""
+        by_tier = self.by_tier
+        tiers = [t for t in (*TIERS, *sorted(by_tier)) if t in by_tier]
+        return {
+            "date": self.yesterday,
+            "month_since": self.yesterday.replace(day=1),
+            "day": self.day.figures(),
+            "month": self.month.figures(),
+            "new_requests": _count_requests(desk, self.y_start, self.y_end),
+            **self.lists,
+            "open_total": sum(self.states.values()),
+            "open_breached": self.states["breached"],
+            "open_at_risk": self.states["at_risk"],
+            "by_tier": {t: {p: by_tier[t][p] for p in report.PRIORITIES} for t in tiers},
+            "by_priority": {p: sum(c[p] for c in by_tier.values()) for p in report.PRIORITIES},
+        }
 
 
 def _count_requests(desk: Desk, start: datetime, end: datetime) -> int:
@@ -244,24 +283,23 @@ def _count_requests(desk: Desk, start: datetime, end: datetime) -> int:
 
 
 def snapshot(desk: Desk, now: datetime) -> Snapshot:
-    """Read the day's digest data once, for everybody."""
+    """Read the day's digest data once, for everybody, an incident at a time."""
     day = now.astimezone(desk.settings.desk.tz).date()
-    month_start, _ = report.window(
-        (day - timedelta(days=1)).replace(day=1), day, desk.settings.desk.tz
-    )
+    yesterday = day - timedelta(days=1)
+    month_start, _ = report.window(yesterday.replace(day=1), day, desk.settings.desk.tz)
+    reader = _Reader(desk, yesterday, now)
     with desk.db.sessions() as session:
-        facts = metrics.load(session, desk, now, since=month_start)
+        for f in metrics.iter_facts(session, desk, now, since=month_start):
+            reader.add(f)
         approvals = _approvals(session, desk, now)
-    open_ = [f for f in facts if f.is_open]
-    snap = Snapshot(
+    return Snapshot(
         day=day,
-        yesterday=day - timedelta(days=1),
+        yesterday=yesterday,
         now=now,
-        open=open_,
+        queues=reader.queues,
         approvals=approvals,
+        overview=reader.overview(desk),
     )
-    snap.overview = _overview(desk, facts, snap.yesterday, now)
-    return snap
 
 
 # -- who gets what ------------------------------------------------------------------------
@@ -284,55 +322,28 @@ def people(desk: Desk, snap: Snapshot) -> dict[str, list[str]]:
             add(address, "approver")
     for address in snap.approvals:
         add(address, "approver")
-    for tier in TIERS:
-        for address in roles.tier_members(tier):
-            add(address, "engineer")
-    for f in snap.open:
-        if f.assignee:
-            add(f.assignee, "engineer")
+    for address in snap.queues:  # tier members and everyone assigned an open incident
+        add(address, "engineer")
     order = list(TEMPLATES)
     return {a: sorted(r, key=order.index) for a, r in out.items()}
 
 
-@dataclass
-class Queue:
-    """A person's open incidents: the oldest `[digest] max_rows` as rows, counts of all."""
-
-    rows: list[QueueRow] = field(default_factory=list)
-    states: Counter[str] = field(default_factory=Counter)
-    total: int = 0
-
-
-def queue_for(desk: Desk, snap: Snapshot, address: str) -> Queue:
-    """Open incidents the person's tiers own or the person is assigned, oldest first.
-
-    Rows are built only for the incidents shown, so a backlog of tens of thousands costs
-    a counter, not a row each."""
-    roles = desk.settings.roles
-    tiers = {t for t in TIERS if address in roles.tier_members(t)}
-    warn_at, shown = desk.settings.sla.warn_at, desk.settings.digest.max_rows
-    queue = Queue()
-    for f in snap.open:
-        if f.tier in tiers or f.assignee == address:
-            queue.total += 1
-            queue.states[f.sla_state(warn_at)] += 1
-            if len(queue.rows) < shown:
-                queue.rows.append(_row(f, snap.now, warn_at))
-    return queue
+def queue_for(snap: Snapshot, address: str) -> Queue:
+    """Open incidents the person's tiers own or the person is assigned, oldest first."""
+    return snap.queues.get(address.lower(), Queue())
 
 
 def _overview_empty(overview: dict[str, Any]) -> bool:
-    keys = ("new", "resolved", "reopened", "escalated", "breaches", "major")
     return (
         not overview["open_total"]
-        and not any(overview[k] for k in keys)
+        and not any(overview[k] for k in LISTS)
         and not (overview["day"]["incidents"] or overview["new_requests"])
     )
 
 
 def context_for(desk: Desk, snap: Snapshot, address: str, roles: list[str]) -> dict[str, Any]:
     """The template context of one person's digest; `empty` when it has nothing to say."""
-    queue = queue_for(desk, snap, address) if "engineer" in roles else Queue()
+    queue = queue_for(snap, address) if "engineer" in roles else Queue()
     approvals = snap.approvals.get(address, []) if "approver" in roles else []
     overview = snap.overview if "manager" in roles else None
     empty = not queue.total and not approvals and (overview is None or _overview_empty(overview))

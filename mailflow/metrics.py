@@ -12,7 +12,7 @@ these facts.
 from __future__ import annotations
 
 import math
-from collections.abc import Iterable, Sequence
+from collections.abc import Iterable, Iterator, Sequence
 from dataclasses import dataclass, field
 from datetime import datetime, timedelta
 from typing import TYPE_CHECKING, Any
@@ -259,6 +259,63 @@ def lookback(desk: Desk) -> timedelta:
     return timedelta(days=30) + longest * 10
 
 
+FACTS_CHUNK = 1000  # incidents read at a time by iter_facts
+
+
+def iter_facts(
+    session: Session,
+    desk: Desk,
+    now: datetime,
+    created_before: datetime | None = None,
+    since: datetime | None = None,
+) -> Iterator[Facts]:
+    """Facts for the incidents created before `created_before` that can count from `since`
+    on: open ones, and the others changed since then (minus the lookback). Oldest first,
+    read `FACTS_CHUNK` incidents (and their events) at a time: a backlog of tens of
+    thousands costs one chunk of memory."""
+    conditions = [Ticket.kind == "incident"]
+    if created_before is not None:
+        conditions.append(Ticket.created_at < created_before)
+    if since is not None:
+        conditions.append(or_(Ticket.status.in_(OPEN), Ticket.updated_at >= since - lookback(desk)))
+    builder = FactBuilder(desk, now)
+    after: list[Any] = []
+    while True:
+        rows = session.execute(
+            select(*TICKET_COLUMNS)
+            .where(*conditions, *after)
+            .order_by(Ticket.created_at, Ticket.id)
+            .limit(FACTS_CHUNK)
+        ).all()
+        events = _events(session, [row.id for row in rows])
+        for row in rows:
+            yield builder.facts(row, events.get(row.id, []))
+        if len(rows) < FACTS_CHUNK:
+            return
+        last = rows[-1]
+        after = [
+            or_(
+                Ticket.created_at > last.created_at,
+                (Ticket.created_at == last.created_at) & (Ticket.id > last.id),
+            )
+        ]
+
+
+def _events(session: Session, ticket_ids: list[int]) -> dict[int, list[EventRow]]:
+    """The events the facts need, by ticket, in order."""
+    events: dict[int, list[EventRow]] = {}
+    if not ticket_ids:
+        return events
+    rows = session.execute(
+        select(Event.ticket_id, Event.at, Event.id, Event.action, Event.data)
+        .where(Event.ticket_id.in_(ticket_ids), Event.action.in_(EVENT_ACTIONS))
+        .order_by(Event.ticket_id, Event.at, Event.id)
+    )
+    for ticket_id, at, event_id, action, data in rows:
+        events.setdefault(ticket_id, []).append(EventRow(at, event_id, action, data))
+    return events
+
+
 def load(
     session: Session,
     desk: Desk,
@@ -266,27 +323,8 @@ def load(
     created_before: datetime | None = None,
     since: datetime | None = None,
 ) -> list[Facts]:
-    """Facts for the incidents created before `created_before` that can count from `since`
-    on: open ones, and the others changed since then (minus the lookback)."""
-    conditions = [Ticket.kind == "incident"]
-    if created_before is not None:
-        conditions.append(Ticket.created_at < created_before)
-    if since is not None:
-        conditions.append(or_(Ticket.status.in_(OPEN), Ticket.updated_at >= since - lookback(desk)))
-    events: dict[int, list[EventRow]] = {}
-    rows = session.execute(
-        select(Event.ticket_id, Event.at, Event.id, Event.action, Event.data)
-        .join(Ticket, Ticket.id == Event.ticket_id)
-        .where(*conditions, Event.action.in_(EVENT_ACTIONS))
-        .order_by(Event.ticket_id, Event.at, Event.id)
-    )
-    for ticket_id, at, event_id, action, data in rows:
-        events.setdefault(ticket_id, []).append(EventRow(at, event_id, action, data))
-    builder = FactBuilder(desk, now)
-    tickets = session.execute(
-        select(*TICKET_COLUMNS).where(*conditions).order_by(Ticket.created_at, Ticket.id)
-    )
-    return [builder.facts(row, events.get(row.id, [])) for row in tickets]
+    """All of `iter_facts` as a list (a report lists every incident of its period)."""
+    return list(iter_facts(session, desk, now, created_before, since))
 
 
 def in_window(times: Iterable[datetime], start: datetime, end: datetime) -> list[datetime]:

@@ -134,40 +134,62 @@ def _hours(seconds: Sequence[float]) -> dict[str, Any]:
     }
 
 
-def _reopen_rate(facts: Iterable[Facts], start: datetime, end: datetime) -> float | None:
-    """Of the incidents resolved in the window, the share reopened after that resolution."""
-    resolved = reopened = 0
-    for f in facts:
+class Summary:
+    """The core figures of one window [start, end), fed one incident at a time."""
+
+    def __init__(self, start: datetime, end: datetime, now: datetime) -> None:
+        self.start, self.end, self.now = start, end, now
+        self.due = self.within = self.opened = self.major = 0
+        self.reopened = self.escalations = self.handoffs = 0
+        self.resolved_here = self.reopened_after = 0  # for the reopen rate
+        self.respond: list[float] = []
+        self.resolve: list[float] = []
+
+    def add(self, f: Facts) -> None:
+        start, end = self.start, self.end
+        if f.due_in(start, end, self.now):
+            self.due += 1
+            self.within += f.within_target
+        if start <= f.created_at < end:
+            self.opened += 1
+            self.major += f.major
+        if f.resolved_at and start <= f.resolved_at < end:
+            self.resolve.append(f.resolve_seconds or 0.0)
+        if f.responded_at and start <= f.responded_at < end:
+            self.respond.append(f.respond_seconds or 0.0)
+        self.reopened += bool(metrics.in_window(f.reopens, start, end))
+        self.escalations += len(metrics.in_window(f.escalations, start, end))
+        self.handoffs += len(metrics.in_window(f.handoffs, start, end))
+        # Of the incidents resolved in the window, the share reopened after that resolution.
         first = next(iter(metrics.in_window(f.resolutions, start, end)), None)
-        if first is None:
-            continue
-        resolved += 1
-        reopened += any(t > first for t in f.reopens)
-    return metrics.rate(resolved, reopened)
+        if first is not None:
+            self.resolved_here += 1
+            self.reopened_after += any(t > first for t in f.reopens)
+
+    def figures(self) -> dict[str, Any]:
+        return {
+            "incidents": self.due,
+            "resolved_within_target": self.within,
+            "target_achievement_rate": metrics.rate(self.due, self.within),
+            "breached": self.due - self.within,
+            "opened": self.opened,
+            "major": self.major,
+            "resolved": len(self.resolve),
+            "reopened": self.reopened,
+            "reopen_rate": metrics.rate(self.resolved_here, self.reopened_after),
+            "escalations": self.escalations,
+            "problem_handoffs": self.handoffs,
+            "time_to_respond_hours": _hours(self.respond),
+            "time_to_resolve_hours": _hours(self.resolve),
+        }
 
 
-def summarize(facts: Sequence[Facts], start: datetime, end: datetime, now: datetime) -> dict:
+def summarize(facts: Iterable[Facts], start: datetime, end: datetime, now: datetime) -> dict:
     """The core figures of one window [start, end)."""
-    due = [f for f in facts if f.due_in(start, end, now)]
-    within = sum(f.within_target for f in due)
-    opened = [f for f in facts if start <= f.created_at < end]
-    resolved = [f for f in facts if f.resolved_at and start <= f.resolved_at < end]
-    responded = [f for f in facts if f.responded_at and start <= f.responded_at < end]
-    return {
-        "incidents": len(due),
-        "resolved_within_target": within,
-        "target_achievement_rate": metrics.rate(len(due), within),
-        "breached": len(due) - within,
-        "opened": len(opened),
-        "major": sum(f.major for f in opened),
-        "resolved": len(resolved),
-        "reopened": sum(bool(metrics.in_window(f.reopens, start, end)) for f in facts),
-        "reopen_rate": _reopen_rate(facts, start, end),
-        "escalations": sum(len(metrics.in_window(f.escalations, start, end)) for f in facts),
-        "problem_handoffs": sum(len(metrics.in_window(f.handoffs, start, end)) for f in facts),
-        "time_to_respond_hours": _hours([f.respond_seconds or 0.0 for f in responded]),
-        "time_to_resolve_hours": _hours([f.resolve_seconds or 0.0 for f in resolved]),
-    }
+    summary = Summary(start, end, now)
+    for f in facts:
+        summary.add(f)
+    return summary.figures()
 
 
 def _groups(

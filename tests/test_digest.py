@@ -11,11 +11,11 @@ from datetime import timedelta
 from pathlib import Path
 
 import pytest
-from scenarios import DIGEST_TIME, local, november, scenario_desk
+from scenarios import DIGEST_TIME, U1, U2, local, november, scenario_desk, send
 from sqlalchemy import func, select
 from support import DESK, body_of, make_desk, make_mail, parsed, reply, run_once
 
-from mailflow import digest, jobs
+from mailflow import digest, jobs, metrics
 from mailflow.cli import main
 from mailflow.config import ConfigError
 from mailflow.desk import Desk
@@ -162,6 +162,25 @@ def test_long_lists_show_the_oldest_rows_and_count_all(tmp_path, monkeypatch):
     assert _refs(new) == ["INC-3", "INC-5"] and new[-1] == "……另有 2 件"
     assert _refs(_lines(manager, "重大事件")) == ["INC-7"]  # a short list: no "more" line
     assert "另有" not in "\n".join(_lines(manager, "重大事件"))
+
+
+def test_reading_a_few_incidents_at_a_time_gives_the_same_digests(tmp_path, monkeypatch):
+    """Digests read the incidents in chunks so memory stays flat however many are open;
+    chunks of one (with two incidents opened in the same instant) change no figure."""
+    desk = scenario_desk(tmp_path)
+    try:
+        november(desk)
+        send(desk, "2026-11-23 18:00", U1, "打印机不能用", "三楼打印机")
+        send(desk, "2026-11-23 18:00", U2, "电脑很慢", "开机要十分钟")
+        whole = {i.recipient: i for i in digest.run_digests(desk, NOW, dry_run=True)}
+        monkeypatch.setattr(metrics, "FACTS_CHUNK", 1)
+        chunked = {i.recipient: i for i in digest.run_digests(desk, NOW, dry_run=True)}
+    finally:
+        desk.close()
+    assert "当前未解决事件 / Open incidents: 8" in whole["im@example.test"].text
+    assert {r: (i.subject, i.text) for r, i in chunked.items()} == {
+        r: (i.subject, i.text) for r, i in whole.items()
+    }
 
 
 def test_max_rows_must_be_positive(tmp_path):
