@@ -30,6 +30,10 @@ from mailflow.errors import MailflowError
 SECURITY_MODES = ("none", "starttls", "tls")
 AUTH_MODES = ("password", "xoauth2")
 IDLE_SLICE = 1.0  # seconds between checks of the stop flag while in IDLE
+# The first IDLE of a wait ends after this and IDLE starts again: a server may not announce
+# mail that came between our last command and IDLE (Dovecot held such an EXISTS back for
+# its 30 s check interval); it does report it with the answer to DONE.
+IDLE_SETTLE = 1.0
 NEWS = frozenset({b"EXISTS", b"RECENT"})  # untagged responses that announce new mail
 
 log = logging.getLogger(__name__)
@@ -338,15 +342,21 @@ class ImapSource:
         if self._news_pending():  # announced during the last poll's commands: poll again
             return True
         deadline = time.monotonic() + timeout
+        settle = min(deadline, time.monotonic() + IDLE_SETTLE)
         with self._errors("IDLE"):
-            client.idle()
-            try:
-                arrived = self._idle_until(client, deadline, stop, tick)
-            except BaseException:
-                self.close()
-                raise
-            _, late = client.idle_done()  # what came in while we were saying DONE
-        return arrived or any(_words(r) & NEWS for r in late)
+            for until in (settle, deadline):
+                client.idle()
+                try:
+                    arrived = self._idle_until(client, until, stop, tick)
+                except BaseException:
+                    self.close()
+                    raise
+                _, late = client.idle_done()  # what came in while we were saying DONE
+                if arrived or any(_words(r) & NEWS for r in late):
+                    return True
+                if time.monotonic() < until or (stop is not None and stop.is_set()):
+                    return False  # stopping, the lease lost, or the connection looks dead
+        return False
 
     def _news_pending(self) -> bool:
         """Did an EXISTS/RECENT come with a response since the last uids_after()?
