@@ -237,14 +237,15 @@ class _Reader:
                 self._list(self.lists[name], f, LISTED)
         if f.is_open:
             self.by_tier.setdefault(f.tier or "-", Counter())[f.priority] += 1
-            self.states[f.sla_state(self.warn_at)] += 1
+            state = f.sla_state(self.warn_at)
+            self.states[state] += 1
             owners = set(self.members.get(f.tier or "", ()))
             if f.assignee:
                 owners.add(f.assignee.lower())
             for owner in owners:
                 queue = self.queues.setdefault(owner, Queue())
                 queue.total += 1
-                queue.states[f.sla_state(self.warn_at)] += 1
+                queue.states[state] += 1
                 if len(queue.rows) < self.shown:
                     queue.rows.append(_row(f, self.now, self.warn_at))
 

@@ -316,17 +316,6 @@ def _events(session: Session, ticket_ids: list[int]) -> dict[int, list[EventRow]
     return events
 
 
-def load(
-    session: Session,
-    desk: Desk,
-    now: datetime,
-    created_before: datetime | None = None,
-    since: datetime | None = None,
-) -> list[Facts]:
-    """All of `iter_facts` as a list (a report lists every incident of its period)."""
-    return list(iter_facts(session, desk, now, created_before, since))
-
-
 def in_window(times: Iterable[datetime], start: datetime, end: datetime) -> list[datetime]:
     return [t for t in times if start <= t < end]
 

@@ -266,7 +266,8 @@ def compute(desk: Desk, since: date | None, until: date | None, now: datetime) -
     periods = trend_periods(since, until)
     earliest, _ = window(periods[0][0], periods[0][1], tz)
     with desk.db.sessions() as session:
-        facts = metrics.load(session, desk, now, created_before=end, since=earliest)
+        # A list, not a stream: the report lists every incident due in its period.
+        facts = list(metrics.iter_facts(session, desk, now, created_before=end, since=earliest))
     current = summarize(facts, start, end, now)
     opened = [f for f in facts if start <= f.created_at < end]
     due = [f for f in facts if f.due_in(start, end, now)]
