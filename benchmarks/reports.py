@@ -89,8 +89,8 @@ def main() -> None:
         desk = Desk(load_config(desk_config(Path(tmp))))
         timed(f"write {args.n} incidents with their events", lambda: populate(desk, args.n))
         with desk.db.sessions() as session:
-            facts = timed("metrics.load: every incident's facts", lambda: metrics.load(
-                session, desk, NOW))
+            facts = timed("metrics.iter_facts: every incident's facts", lambda: list(
+                metrics.iter_facts(session, desk, NOW)))
         print(f"  {len(facts)} incidents, {sum(f.is_open for f in facts)} of them open")
         data = timed("report.compute: one month (+ previous, 6-month trend)",
                      lambda: report.compute(desk, date(2026, 11, 1), date(2026, 11, 30), NOW))
