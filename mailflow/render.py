@@ -7,7 +7,6 @@ Templates beside the config override the shipped ones; a language falls back to 
 
 from __future__ import annotations
 
-import contextlib
 from dataclasses import dataclass
 from datetime import datetime
 from pathlib import Path
@@ -42,10 +41,13 @@ class Renderer:
             trim_blocks=True,
             lstrip_blocks=True,
             keep_trailing_newline=False,
+            auto_reload=False,  # read once; SIGHUP builds a new Renderer (Desk.reload_config)
         )
         self.env.filters["local"] = self.local
         # Shared macros (summary, footer, how to reply) are available to every template as `m`.
         self.env.globals["m"] = self.env.get_template("_macros.txt").module
+        # Which notifications have an HTML alternative: asked once, not on every mail.
+        self._html = {n[:-5] for n in self.env.list_templates(extensions=["html"])}
 
     def local(self, value: datetime | None, fmt: str = "%Y-%m-%d %H:%M") -> str:
         """A UTC datetime shown in the desk's time zone."""
@@ -62,7 +64,7 @@ class Renderer:
         subject = " ".join(self._block(template, "subject", context).split())
         text = self._block(template, "body", context) + "\n"
         html = None
-        with contextlib.suppress(jinja2.TemplateNotFound):
+        if name in self._html:
             html = self.env.get_template(f"{name}.html").render(**context)
         return Rendered(subject, text, html)
 
