@@ -31,7 +31,7 @@ from sqlalchemy.orm import Session
 
 from mailflow import jobs, metrics, notify, report
 from mailflow.metrics import Facts
-from mailflow.models import JobRun, Outbox, Ticket
+from mailflow.models import JobRun, Ticket
 
 if TYPE_CHECKING:
     from mailflow.desk import Desk
@@ -373,7 +373,7 @@ def _claimed(desk: Desk, key: str) -> bool:
 
 def _queue_once(
     desk: Desk, key: str, template: str, address: str, ctx: dict[str, Any], now: datetime
-) -> Outbox | None:
+) -> notify.Queued | None:
     """Claim the person's day and queue the digest in one transaction: both, or neither."""
     try:
         with desk.db.transaction() as session:

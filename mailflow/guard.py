@@ -31,7 +31,7 @@ from datetime import datetime, timedelta
 from email.utils import getaddresses
 from typing import TYPE_CHECKING
 
-from sqlalchemy import delete, false, func, or_, select
+from sqlalchemy import bindparam, delete, func, insert, or_, select
 from sqlalchemy.orm import Session
 
 from mailflow import notify
@@ -155,7 +155,6 @@ class Context:
     date: datetime | None
     ticket: Ticket | None = None
     quiet: str | None = None  # why no automatic reply goes out for this mail
-    sent: int = 0  # automatic replies allowed in this transaction (not yet flushed)
     noted: bool = False
     alerted: set[str] = field(default_factory=set)
 
@@ -192,19 +191,30 @@ def on_ticket(
     record(session, ticket, "omitted", SYSTEM, now, left_out, inbound_id=inbound.id)
 
 
+# Both run on every new mail, so they are built once (building costs as much as running)
+# and run on the session's connection: they read only rows already written.
+_LAST_SENT = select(func.max(Outbox.sent_at)).where(
+    Outbox.recipient == bindparam("sender"),
+    Outbox.state == "sent",
+    Outbox.sent_at >= bindparam("since"),
+    Outbox.sent_at <= bindparam("until"),
+)
+_MINE = AutoReply.address == bindparam("sender")
+_OURS = AutoReply.ticket_id == bindparam("ticket_id")  # NULL (no ticket) matches nothing
+_SENT_SINCE = select(func.count().filter(_MINE), func.count().filter(_OURS)).where(
+    or_(_MINE, _OURS), AutoReply.outcome == "sent", AutoReply.at > bindparam("since")
+)
+_INSERT_AUTO_REPLY = insert(AutoReply)
+
+
 def _loop_reason(session: Session, desk: Desk, ctx: Context) -> str | None:
     """Why a new mail looks like an automatic answer to our mail (loop_window), else None."""
     window = desk.settings.limits.loop_window
     arrived = ctx.received_at
     if window <= timedelta(0) or arrived is None:
         return None
-    last = session.scalar(
-        select(func.max(Outbox.sent_at)).where(
-            Outbox.recipient == ctx.sender,
-            Outbox.state == "sent",
-            Outbox.sent_at >= arrived - window,
-            Outbox.sent_at <= arrived,
-        )
+    last = session.connection().scalar(
+        _LAST_SENT, {"sender": ctx.sender, "since": arrived - window, "until": arrived}
     )
     if last is None or (ctx.date is not None and ctx.date < last - DATE_SKEW):
         return None  # nothing of ours to answer, or written before our mail went out
@@ -248,12 +258,8 @@ def _sent_last_hour(
     session: Session, sender: str, ticket_id: int | None, now: datetime
 ) -> tuple[int, int]:
     """Automatic replies sent in the last hour to the sender, and on the ticket: one query."""
-    mine = AutoReply.address == sender
-    ours = AutoReply.ticket_id == ticket_id if ticket_id is not None else false()
-    query = select(func.count().filter(mine), func.count().filter(ours)).where(
-        or_(mine, ours), AutoReply.outcome == "sent", AutoReply.at > now - HOUR
-    )
-    to_sender, on_ticket = session.execute(query).one()
+    params = {"sender": sender, "ticket_id": ticket_id, "since": now - HOUR}
+    to_sender, on_ticket = session.connection().execute(_SENT_SINCE, params).one()
     return to_sender, on_ticket
 
 
@@ -264,31 +270,27 @@ def _automatic_reply(session: Session, desk: Desk, ctx: Context, now: datetime) 
     why, key = ctx.quiet, None
     if why is None:
         to_sender, on_ticket = _sent_last_hour(session, ctx.sender, ticket_id, now)
-        sent = to_sender + ctx.sent
-        if sent >= limits.auto_replies_per_sender_per_hour:
+        if to_sender >= limits.auto_replies_per_sender_per_hour:
             why = (
-                f"{sent} automatic replies to {ctx.sender} in the last hour "
+                f"{to_sender} automatic replies to {ctx.sender} in the last hour "
                 f"(limits.auto_replies_per_sender_per_hour = "
                 f"{limits.auto_replies_per_sender_per_hour})"
             )
             key = f"cap:sender:{ctx.sender}"
-        elif ticket_id is not None and on_ticket + ctx.sent >= (
-            limits.auto_replies_per_ticket_per_hour
-        ):
+        elif ticket_id is not None and on_ticket >= limits.auto_replies_per_ticket_per_hour:
             assert ctx.ticket is not None
-            sent = on_ticket + ctx.sent
             why = (
-                f"{sent} automatic replies on {ctx.ticket.ref} in the last hour "
+                f"{on_ticket} automatic replies on {ctx.ticket.ref} in the last hour "
                 f"(limits.auto_replies_per_ticket_per_hour = "
                 f"{limits.auto_replies_per_ticket_per_hour})"
             )
             key = f"cap:ticket:{ctx.ticket.ref}"
-    session.add(
-        AutoReply(address=ctx.sender, ticket_id=ticket_id, inbound_id=ctx.inbound_id, at=now,
-                  outcome="withheld" if why else "sent", reason=why)
+    session.connection().execute(
+        _INSERT_AUTO_REPLY,
+        {"address": ctx.sender, "ticket_id": ticket_id, "inbound_id": ctx.inbound_id,
+         "at": now, "outcome": "withheld" if why else "sent", "reason": why},
     )
     if why is None:
-        ctx.sent += 1
         return True
     log.warning("automatic reply to %s withheld: %s", ctx.sender, why)
     if ctx.ticket is not None and not ctx.noted:

@@ -78,7 +78,7 @@ def _store_batch(desk: Desk, mailbox: str, batch: list[Fetched], now: datetime) 
         for fetched in batch:
             with logs.context(msg_id=message_id_of(fetched.raw)):
                 row = store(session, mailbox, fetched.key, fetched.uid, fetched.raw, now)
-                log.debug("stored %s as %s", fetched.key, f"#{row.id}" if row else "a repeat")
+                log.debug("stored %s as %s", fetched.key, f"#{row}" if row else "a repeat")
         if state is not None and batch and batch[-1].uid is not None:
             state.last_uid = max(state.last_uid, max(f.uid or 0 for f in batch))
             state.last_poll_at = now
@@ -161,5 +161,4 @@ def ingest_bytes(desk: Desk, raw: bytes, now: datetime, origin: str = "ingest") 
     """Store one message handed in directly (`mailflow ingest`); returns its inbound id."""
     key = ingest_key(raw, origin)
     with desk.db.transaction() as session:
-        row = store(session, origin, key, None, raw, now)
-        return row.id if row is not None else None
+        return store(session, origin, key, None, raw, now)

@@ -19,8 +19,9 @@ from email.mime.multipart import MIMEMultipart
 from email.mime.text import MIMEText
 from email.policy import compat32
 from email.utils import format_datetime, formataddr
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, NamedTuple
 
+from sqlalchemy import insert
 from sqlalchemy.orm import Session
 
 from mailflow import tracking
@@ -33,6 +34,18 @@ MARKER = "X-Mailflow"
 # Headers are encoded when set (RFC 2047, folded), so the generator need not fold them again.
 WIRE = compat32.clone(linesep="\r\n", max_line_length=None)
 _CONTROL = re.compile(r"[\x00-\x1f\x7f]+")
+
+
+_INSERT_OUTBOX, _INSERT_REF = insert(Outbox), insert(ThreadRef)
+
+
+class Queued(NamedTuple):
+    """One queued mail, as its outbox row holds it."""
+
+    message_id: str
+    recipient: str
+    subject: str
+    text: str
 
 
 def clean_header(value: str, limit: int = 200) -> str:
@@ -135,7 +148,7 @@ def queue(
     inline: Iterable[tuple[str, str, bytes]] = (),
     message_id: str | None = None,
     **context: Any,
-) -> list[Outbox]:
+) -> list[Queued]:
     """Render `template` and queue it for each distinct recipient (never the desk itself).
 
     `message_id` fixes the Message-ID (e.g. one carrying an approval token); it is only
@@ -145,7 +158,7 @@ def queue(
     subject = clean_header(rendered.subject)
     if ticket is not None and tracking.tag(ticket) not in subject:
         subject = f"{tracking.tag(ticket)} {subject}"
-    rows: list[Outbox] = []
+    rows: list[Queued] = []
     targets = list(dict.fromkeys(r.strip().lower() for r in recipients if r))
     if message_id is not None and len(targets) > 1:
         raise ValueError("a fixed message_id needs exactly one recipient")
@@ -164,24 +177,24 @@ def queue(
         attachments=attachments,
         inline=inline,
     )
+    ticket_id = ticket.id if ticket is not None else None
     for recipient in targets:
         mid = message_id or new_message_id(desk.address)
-        row = Outbox(
-            ticket_id=ticket.id if ticket is not None else None,
-            message_id=mid,
-            template=template,
-            sender=desk.address,
-            recipient=recipient,
-            subject=subject,
-            text=rendered.text,
-            raw=addressed(wire, recipient, mid),
-            state="queued",
-            attempts=0,
-            next_attempt_at=now,
-            created_at=now,
-        )
-        session.add(row)
-        if ticket is not None:  # a fresh Message-ID: no lookup (and no autoflush) needed
-            session.add(ThreadRef(message_id=mid, ticket_id=ticket.id))
-        rows.append(row)
+        rows.append(Queued(mid, recipient, subject, rendered.text))
+    outbox = [
+        {
+            "ticket_id": ticket_id, "message_id": q.message_id, "template": template,
+            "sender": desk.address, "recipient": q.recipient, "subject": subject,
+            "text": rendered.text, "raw": addressed(wire, q.recipient, q.message_id),
+            "state": "queued", "attempts": 0, "next_attempt_at": now, "created_at": now,
+        }
+        for q in rows
+    ]
+    # Written at once with two multi-row inserts: no ORM object is needed for mail that
+    # only waits for the relay. A fresh Message-ID needs no lookup before its ThreadRef.
+    connection = session.connection()
+    connection.execute(_INSERT_OUTBOX, outbox)
+    if ticket_id is not None:
+        refs = [{"message_id": q.message_id, "ticket_id": ticket_id} for q in rows]
+        connection.execute(_INSERT_REF, refs)
     return rows

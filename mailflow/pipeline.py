@@ -17,7 +17,7 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from datetime import datetime, timedelta
 
-from sqlalchemy import select, update
+from sqlalchemy import bindparam, insert, select, update
 from sqlalchemy.exc import DataError, IntegrityError, SQLAlchemyError
 from sqlalchemy.orm import Session
 
@@ -56,34 +56,40 @@ def message_id_of(raw: bytes) -> str:
     return f"sha256-{hashlib.sha256(raw).hexdigest()}@mailflow.invalid"
 
 
+_STORED = select(Inbound.id).where(Inbound.source_key == bindparam("key"))
+_FIRST_COPY = select(Inbound.id).where(Inbound.dedup_key == bindparam("message_id"))
+_STORE = insert(Inbound)
+
+
 def store(
     session: Session, mailbox: str, key: str, uid: int | None, raw: bytes, now: datetime
-) -> Inbound | None:
-    """Record a raw message as pending; None when this mailbox position is already stored.
+) -> int | None:
+    """Record a raw message as pending; its id, or None when this mailbox position is
+    already stored.
 
     A second copy of a Message-ID already stored (e.g. the desk in To and Cc of two
-    mailboxes) is kept but marked ignored, so nothing is processed twice.
+    mailboxes) is kept but marked ignored, so nothing is processed twice. Three statements
+    built once, on the session's connection: this runs for every message fetched.
     """
-    if session.scalar(select(Inbound.id).where(Inbound.source_key == key)) is not None:
+    connection = session.connection()
+    if connection.scalar(_STORED, {"key": key}) is not None:
         return None
     message_id = message_id_of(raw)
-    first = session.scalar(select(Inbound.id).where(Inbound.dedup_key == message_id))
-    row = Inbound(
-        source_key=key,
-        mailbox=mailbox,
-        uid=uid,
-        message_id=message_id,
-        dedup_key=None if first else message_id,
-        raw=raw,
-        size=len(raw),
-        received_at=now,
-        state="ignored" if first else "pending",
-        reason=f"duplicate of inbound #{first}" if first else None,
-        attempts=0,
-    )
-    session.add(row)
-    session.flush()
-    return row
+    first = connection.scalar(_FIRST_COPY, {"message_id": message_id})
+    row = {
+        "source_key": key,
+        "mailbox": mailbox,
+        "uid": uid,
+        "message_id": message_id,
+        "dedup_key": None if first else message_id,
+        "raw": raw,
+        "size": len(raw),
+        "received_at": now,
+        "state": "ignored" if first else "pending",
+        "reason": f"duplicate of inbound #{first}" if first else None,
+        "attempts": 0,
+    }
+    return connection.execute(_STORE, row).inserted_primary_key[0]
 
 
 @dataclass

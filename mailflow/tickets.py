@@ -7,7 +7,7 @@ from collections.abc import Callable
 from datetime import datetime
 from typing import TYPE_CHECKING, Any
 
-from sqlalchemy import bindparam, func, select, update
+from sqlalchemy import bindparam, func, insert, select, update
 from sqlalchemy.exc import SQLAlchemyError
 from sqlalchemy.orm import Session
 
@@ -31,6 +31,9 @@ _NEXT_NUMBER = (  # built once: building the statement costs as much as running 
 )
 
 
+_INSERT_EVENT = insert(Event)
+
+
 def next_number(session: Session, kind: str) -> int:
     """The next ticket number for a kind, taken inside the caller's transaction.
 
@@ -52,29 +55,32 @@ def record(
     now: datetime,
     detail: str = "",
     **data: Any,
-) -> Event:
-    """Append an event: every change to a ticket is one row."""
-    event = Event(
-        ticket_id=ticket.id,
-        at=now,
-        action=action,
-        actor=actor,
-        detail=detail,
-        data=data or None,
-    )
-    session.add(event)
+) -> None:
+    """Append an event: every change to a ticket is one row, written at once (an insert
+    built once, not an ORM object: nothing reads it back in the same transaction)."""
+    row = {"ticket_id": ticket.id, "at": now, "action": action, "actor": actor,
+           "detail": detail, "data": data or None}
+    session.connection().execute(_INSERT_EVENT, row)
     ticket.updated_at = now
-    return event
+
+
+_SEEN = (
+    update(Person)
+    .where(Person.address == bindparam("who"))
+    .values(last_seen=bindparam("at"), name=func.coalesce(Person.name, bindparam("given")))
+)
+_FIRST_SEEN = insert(Person)
 
 
 def remember_person(session: Session, address: str, name: str, now: datetime) -> None:
-    person = session.get(Person, address)
-    if person is None:
-        session.add(Person(address=address, name=name or None, first_seen=now, last_seen=now))
-    else:
-        person.last_seen = now
-        if name and not person.name:
-            person.name = name
+    """Note when someone last wrote, and their name once they give one."""
+    connection = session.connection()
+    seen = connection.execute(_SEEN, {"who": address, "given": name or None, "at": now})
+    if seen.rowcount == 0:
+        connection.execute(
+            _FIRST_SEEN,
+            {"address": address, "name": name or None, "first_seen": now, "last_seen": now},
+        )
 
 
 def open_ticket(

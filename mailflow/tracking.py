@@ -5,7 +5,7 @@ from __future__ import annotations
 import re
 from collections.abc import Iterable
 
-from sqlalchemy import select
+from sqlalchemy import bindparam, insert, select
 from sqlalchemy.orm import Session
 
 from mailflow.models import Outbox, ThreadRef, Ticket
@@ -86,7 +86,14 @@ def find_ticket(
     )
 
 
+_KNOWN = select(ThreadRef.ticket_id).where(ThreadRef.message_id == bindparam("message_id"))
+_REMEMBER = insert(ThreadRef)
+
+
 def remember(session: Session, ticket: Ticket, message_id: str) -> None:
     """Record a Message-ID as belonging to the ticket (idempotent)."""
-    if message_id and session.get(ThreadRef, message_id) is None:
-        session.add(ThreadRef(message_id=message_id, ticket_id=ticket.id))
+    if not message_id:
+        return
+    connection = session.connection()
+    if connection.scalar(_KNOWN, {"message_id": message_id}) is None:
+        connection.execute(_REMEMBER, {"message_id": message_id, "ticket_id": ticket.id})
