@@ -19,6 +19,7 @@ from email.mime.multipart import MIMEMultipart
 from email.mime.text import MIMEText
 from email.policy import compat32
 from email.utils import format_datetime, formataddr
+from functools import lru_cache
 from typing import TYPE_CHECKING, Any, NamedTuple
 
 from sqlalchemy import insert
@@ -52,6 +53,12 @@ def clean_header(value: str, limit: int = 200) -> str:
     """One line, no control characters (no header injection), bounded length."""
     value = " ".join(_CONTROL.sub(" ", value).split())
     return value if len(value) <= limit else value[: limit - 1] + "…"
+
+
+@lru_cache(maxsize=8)
+def _from_header(name: str, address: str) -> str:
+    """The desk as sender, its name RFC 2047-encoded: the same on every mail, so once."""
+    return formataddr((str(Header(clean_header(name), "utf-8")), address))
 
 
 def new_message_id(desk_address: str) -> str:
@@ -96,8 +103,7 @@ def build(
             part.add_header("Content-Disposition", "attachment", filename=("utf-8", "", filename))
             mixed.attach(part)
         body = mixed
-    name = clean_header(desk.settings.desk.name)
-    body["From"] = formataddr((str(Header(name, "utf-8")), desk.address))
+    body["From"] = _from_header(desk.settings.desk.name, desk.address)
     body["Subject"] = Header(clean_header(subject), "utf-8").encode()
     body["Date"] = format_datetime(now)
     if in_reply_to:

@@ -272,6 +272,17 @@ def _process_claimed(
     raise AssertionError("unreachable")
 
 
+_EARLIER_PENDING = (
+    select(Inbound.id)
+    .where(
+        Inbound.message_id.in_(bindparam("refs", expanding=True)),
+        Inbound.state == "pending",
+        Inbound.id < bindparam("id"),
+    )
+    .limit(1)
+)
+
+
 def _answers_pending(session: Session, inbound: Inbound) -> bool:
     """Does this mail answer an earlier one still pending (perhaps in another daemon's
     hands)? Then it waits, so a reply never opens a ticket of its own beside its original."""
@@ -284,10 +295,8 @@ def _answers_pending(session: Session, inbound: Inbound) -> bool:
     }
     if not refs:
         return False
-    earlier = select(Inbound.id).where(
-        Inbound.message_id.in_(refs), Inbound.state == "pending", Inbound.id < inbound.id
-    )
-    return session.scalar(earlier.limit(1)) is not None
+    params = {"refs": list(refs), "id": inbound.id}
+    return session.connection().scalar(_EARLIER_PENDING, params) is not None
 
 
 def _quarantine(inbound: Inbound, now: datetime, exc: Exception) -> Outcome:

@@ -25,21 +25,33 @@ def parse_ref(ref: str) -> tuple[str, int] | None:
     return (KINDS[match.group(1).upper()], int(match.group(2))) if match else None
 
 
+# Built once (building a statement costs as much as running it): every reply asks these.
+_BY_NUMBER = select(Ticket).where(
+    Ticket.kind == bindparam("kind"), Ticket.number == bindparam("number")
+)
+_REFS = select(ThreadRef.message_id, ThreadRef.ticket_id).where(
+    ThreadRef.message_id.in_(bindparam("ids", expanding=True))
+)
+_TICKETLESS = (
+    select(Outbox.id)
+    .where(Outbox.message_id.in_(bindparam("ids", expanding=True)), Outbox.ticket_id.is_(None))
+    .limit(1)
+)
+
+
 def by_ref(session: Session, ref: str) -> Ticket | None:
     parsed = parse_ref(ref)
     if parsed is None:
         return None
     kind, number = parsed
-    return session.scalar(select(Ticket).where(Ticket.kind == kind, Ticket.number == number))
+    return session.scalar(_BY_NUMBER, {"kind": kind, "number": number})
 
 
 def by_subject(session: Session, subject: str) -> Ticket | None:
     """The ticket named by the first tag in the subject that exists."""
     for match in TAG.finditer(subject):
         kind, number = KINDS[match.group(1).upper()], int(match.group(2))
-        ticket = session.scalar(
-            select(Ticket).where(Ticket.kind == kind, Ticket.number == number)
-        )
+        ticket = session.scalar(_BY_NUMBER, {"kind": kind, "number": number})
         if ticket is not None:
             return ticket
     return None
@@ -50,11 +62,7 @@ def by_message_ids(session: Session, message_ids: Iterable[str]) -> Ticket | Non
     ids = [m for m in message_ids if m][-50:]
     if not ids:
         return None
-    refs = dict(
-        session.execute(
-            select(ThreadRef.message_id, ThreadRef.ticket_id).where(ThreadRef.message_id.in_(ids))
-        ).all()
-    )
+    refs = dict(session.connection().execute(_REFS, {"ids": ids}).all())
     for message_id in reversed(ids):
         if message_id in refs:
             return session.get(Ticket, refs[message_id])
@@ -65,14 +73,7 @@ def answers_ticketless_mail(session: Session, in_reply_to: list[str]) -> bool:
     """Whether the mail answers one of our mails that belongs to no ticket (digest, report)."""
     if not in_reply_to:
         return False
-    return (
-        session.scalar(
-            select(Outbox.id)
-            .where(Outbox.message_id.in_(in_reply_to[-5:]), Outbox.ticket_id.is_(None))
-            .limit(1)
-        )
-        is not None
-    )
+    return session.connection().scalar(_TICKETLESS, {"ids": in_reply_to[-5:]}) is not None
 
 
 def find_ticket(
