@@ -16,7 +16,10 @@ import json
 import random
 import shutil
 from datetime import UTC, datetime
+from email.errors import HeaderParseError
+from email.header import Header
 from email.message import EmailMessage
+from email.mime.text import MIMEText
 from email.policy import SMTP, compat32
 
 import pytest
@@ -26,7 +29,7 @@ from hypothesis import strategies as st
 from sqlalchemy import func, select
 from support import DESK, REPO, body_of, desk_config, make_desk, make_mail, parsed, reply, run_once
 
-from mailflow import pipeline
+from mailflow import notify, pipeline
 from mailflow.cli import main
 from mailflow.config import ROLE_KEYS, load_config
 from mailflow.desk import Desk
@@ -320,6 +323,32 @@ def test_header_injection_adds_no_header_to_outgoing_mail(tmp_path, mailbox, smt
     assert main(["--config", str(desk.settings.path), "check"]) == 1
     assert "05-injected.toml" in capsys.readouterr().out
     desk.close()
+
+
+@settings(max_examples=300, deadline=None)
+@given(
+    st.text(max_size=300),
+    st.text(max_size=80),
+    st.text(max_size=600),
+    st.text(alphabet=st.characters(max_codepoint=127), max_size=200),
+)
+def test_outgoing_headers_are_written_as_compat32_writes_them(subject, name, reference, raw):
+    """notify.WIRE writes a ready-encoded one-line header as it is (compat32 ran each one
+    through Header again, the costliest step of building a notification): same bytes."""
+    message = MIMEText("正文", "plain", "utf-8")
+    desk_name = str(Header(notify.clean_header(name), "utf-8"))
+    message["From"] = email.utils.formataddr((desk_name, DESK))
+    message["Subject"] = Header(notify.clean_header(subject), "utf-8").encode()
+    message["In-Reply-To"] = f"<{notify.clean_header(reference, 500)}>"
+    message["X-Any"] = raw  # control characters and line breaks: compat32's own way
+    plain = compat32.clone(linesep="\r\n", max_line_length=None)
+    try:
+        expected = message.as_bytes(policy=plain)
+    except HeaderParseError:  # a line break then "Name:" reads as a header: refused alike
+        with pytest.raises(HeaderParseError):
+            message.as_bytes(policy=notify.WIRE)
+        return
+    assert message.as_bytes(policy=notify.WIRE) == expected
 
 
 # -- HTML templates escape mail text ---------------------------------------------------------------
