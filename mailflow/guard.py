@@ -184,10 +184,8 @@ def on_ticket(
     left_out = omitted_text(mail)
     if not left_out:
         return
-    if new:
+    if new:  # (a reply's stored text names it: pipeline.handle)
         ticket.omitted = left_out
-    else:
-        inbound.text = f"{inbound.text or ''}\n\n[未收录 / left out: {left_out}]".strip()
     record(session, ticket, "omitted", SYSTEM, now, left_out, inbound_id=inbound.id)
 
 

@@ -97,6 +97,7 @@ class Outcome:
     state: str
     reason: str | None = None
     ticket: Ticket | None = None
+    opened: bool = False  # the mail opened `ticket` (else it was added to it)
 
 
 def _automatic(desk: Desk, mail: ParsedMail) -> str | None:
@@ -115,11 +116,25 @@ def _automatic(desk: Desk, mail: ParsedMail) -> str | None:
 def handle(session: Session, desk: Desk, inbound: Inbound, now: datetime) -> Outcome:
     """Process one stored message inside the caller's transaction."""
     mail = guard.parse_limited(inbound.raw, desk.settings.limits)
+    outcome = _route(session, desk, inbound, mail, now)
+    # What the mail says goes on its row last. The row holds the raw bytes, which every
+    # UPDATE rewrites: set first, it took an UPDATE of its own when a new ticket was
+    # flushed for its id, besides the one that records the outcome.
     inbound.from_addr = mail.from_addr[:320]
     inbound.to_addrs = ", ".join(mail.to + mail.cc)
     inbound.subject = mail.subject
     inbound.text = mail.new_text
+    left_out = guard.omitted_text(mail)
+    if left_out and outcome.ticket is not None and not outcome.opened:
+        inbound.text = f"{mail.new_text}\n\n[未收录 / left out: {left_out}]".strip()
     inbound.sent_at = mail.date
+    return outcome
+
+
+def _route(
+    session: Session, desk: Desk, inbound: Inbound, mail: ParsedMail, now: datetime
+) -> Outcome:
+    """Drop automatic mail, else find the mail's ticket and open one or add the reply."""
     automatic = _automatic(desk, mail)
     if automatic:
         report = guard.delivery_report(session, desk, inbound, now) if mail.auto else None
@@ -148,11 +163,12 @@ def handle(session: Session, desk: Desk, inbound: Inbound, now: datetime) -> Out
         process = incidents if ticket.kind == "incident" else requests
         guard.on_ticket(session, desk, ticket, mail, inbound, now, new=True)
         process.on_new(session, desk, ticket, mail, inbound, now)
-    else:
-        inbound.ticket_id = ticket.id
-        tracking.remember(session, ticket, mail.message_id)
-        guard.on_ticket(session, desk, ticket, mail, inbound, now, new=False)
-        process.on_reply(session, desk, ticket, mail, inbound, now)
+        guard.end(session)
+        return Outcome("processed", None, ticket, opened=True)
+    inbound.ticket_id = ticket.id
+    tracking.remember(session, ticket, mail.message_id)
+    guard.on_ticket(session, desk, ticket, mail, inbound, now, new=False)
+    process.on_reply(session, desk, ticket, mail, inbound, now)
     guard.end(session)
     return Outcome("processed", None, ticket)
 

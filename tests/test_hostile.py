@@ -256,6 +256,29 @@ def test_oversize_mail_becomes_a_ticket_that_says_what_was_left_out(
     desk.close()
 
 
+def test_an_oversize_reply_is_kept_on_its_ticket_with_what_was_left_out(
+    tmp_path, mailbox, smtp, clock, capsys
+):
+    """A new ticket says what was left out in its own field; a reply says it in its text."""
+    desk = make_desk(
+        tmp_path, mailbox=mailbox, smtp=smtp, limits={"max_attachment_bytes": 50_000}
+    )
+    mailbox.append(with_attachments("a@example.test", "打印机卡纸", [("first.bin", 80_000)]))
+    run_once(desk, clock)
+    reply_subject = "Re: [INC-1] 打印机卡纸"
+    mailbox.append(with_attachments("a@example.test", reply_subject, [("log.bin", 90_000)]))
+    run_once(desk, clock)
+    assert len(cli_json(desk, capsys, "tickets")) == 1, "the reply found its ticket"
+    ticket = cli_json(desk, capsys, "show", "INC-1")
+    first, second = [i for i in ticket["interactions"] if i["direction"] == "in"]
+    text = "附件见邮件 / see the attachments"
+    assert first["text"] == text, "the ticket's own field says it"
+    assert second["text"] == f"{text}\n\n[未收录 / left out: log.bin (88 KB)]"
+    omitted = [e["detail"] for e in ticket["events"] if e["action"] == "omitted"]
+    assert omitted == ["first.bin (78 KB)", "log.bin (88 KB)"]
+    desk.close()
+
+
 # -- header injection ------------------------------------------------------------------------------
 
 
