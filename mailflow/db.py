@@ -25,7 +25,10 @@ MIGRATIONS = Path(__file__).parent / "migrations"
 def _sqlite_pragmas(dbapi_connection: Any, _record: Any) -> None:
     cursor = dbapi_connection.cursor()
     cursor.execute("PRAGMA journal_mode=WAL")
-    cursor.execute("PRAGMA synchronous=NORMAL")
+    # FULL: a commit is on disk before the mail is flagged or moved on the IMAP server and
+    # before a sent mail counts as sent. NORMAL may lose the last commits to an OS crash or
+    # power loss (moved mail gone, mail sent twice); FULL cost nothing measurable here.
+    cursor.execute("PRAGMA synchronous=FULL")
     cursor.execute("PRAGMA busy_timeout=30000")
     cursor.execute("PRAGMA foreign_keys=ON")
     cursor.close()

@@ -1,4 +1,5 @@
-"""The migrations build exactly the schema the models describe, and run twice harmlessly."""
+"""The database: migrations build exactly the models' schema and run twice harmlessly;
+the embedded SQLite keeps what it committed."""
 
 from __future__ import annotations
 
@@ -27,4 +28,15 @@ def test_starting_twice_migrates_once(tmp_path):
     assert {"inbound", "tickets", "events", "outbox", "thread_refs", "alembic_version"} <= tables
     with db.engine.connect() as connection:
         assert MigrationContext.configure(connection).get_current_revision() is not None
+    db.close()
+
+
+def test_sqlite_commits_survive_a_power_loss(tmp_path):
+    """WAL with synchronous=FULL: a commit is on disk before mail is flagged or moved on the
+    IMAP server and before the relay's "sent" is trusted. (NORMAL may roll the last commits
+    back after an OS crash or power loss: moved mail lost, sent mail sent twice.)"""
+    db = Database(f"sqlite:///{tmp_path / 'm.db'}")
+    with db.engine.connect() as connection:
+        assert connection.exec_driver_sql("PRAGMA journal_mode").scalar() == "wal"
+        assert connection.exec_driver_sql("PRAGMA synchronous").scalar() == 2  # FULL
     db.close()
