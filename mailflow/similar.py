@@ -18,7 +18,7 @@ from collections import Counter
 from functools import lru_cache
 from typing import NamedTuple
 
-from sqlalchemy import Integer, Select, bindparam, select
+from sqlalchemy import Integer, Select, bindparam, func, select
 from sqlalchemy.orm import Session
 
 from mailflow.models import Ticket
@@ -94,18 +94,22 @@ def rank(
             (doc.weights, terms) if len(doc.weights) < len(terms) else (terms, doc.weights)
         )
         shared = [t for t in small if t in large]
-        df.update(shared)
         if shared:
+            df.update(shared)
             matched.append((order, doc_id, doc, factor, shared))
     n = len(docs) + 1
     idf = {t: math.log((n + 1) / (df[t] + 2)) + 1 for t in terms}
     q = {t: w * idf[t] for t, w in terms.items()}
     q_norm = math.sqrt(sum(w * w for w in q.values()))
+    lift = {t: idf[t] ** 2 - 1 for t in terms}  # what a shared term's IDF adds to a norm
     scored = []
-    for order, doc_id, doc, factor, shared in matched:
-        dot = sum(doc.weights[t] * q[t] * idf[t] for t in shared)
-        norm2 = doc.norm2 + sum(doc.weights[t] ** 2 * (idf[t] ** 2 - 1) for t in shared)
-        score = dot / (q_norm * math.sqrt(norm2)) * factor
+    for order, doc_id, doc, factor, shared in matched:  # one plain loop: the hot spot
+        weights, dot, extra = doc.weights, 0.0, 0.0
+        for t in shared:
+            w = weights[t]
+            dot += w * q[t] * idf[t]
+            extra += w**2 * lift[t]
+        score = dot / (q_norm * math.sqrt(doc.norm2 + extra)) * factor
         if score >= MIN_SCORE:
             scored.append((score, -order, doc_id))
     scored.sort(reverse=True)  # best score first; ties: the more recent (earlier in docs)
@@ -117,7 +121,8 @@ def _candidates(same_category: bool) -> Select:
     much as running it), with the ticket, its category and the row limit bound per call."""
     category = Ticket.category == bindparam("category")
     return (
-        select(Ticket.id, Ticket.subject, Ticket.description)
+        # Only the part of a description that takes part: a mail's text may be long.
+        select(Ticket.id, Ticket.subject, func.substr(Ticket.description, 1, TEXT_LIMIT))
         .where(
             Ticket.kind == "incident",
             Ticket.status.in_(("resolved", "closed")),
@@ -149,6 +154,8 @@ def similar_resolved(session: Session, ticket: Ticket, limit: int = 3) -> list[T
             rows.append((doc_id, profile(subject or "", text or ""), factor))
         if len(rows) >= CANDIDATES:
             break
-    best = rank(query, rows, limit)
-    found = [session.get(Ticket, doc_id) for _, doc_id in best]
-    return [t for t in found if t is not None]
+    best = [doc_id for _, doc_id in rank(query, rows, limit)]
+    if not best:
+        return []
+    found = {t.id: t for t in session.scalars(select(Ticket).where(Ticket.id.in_(best)))}
+    return [found[doc_id] for doc_id in best if doc_id in found]
