@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import math
 import re
+import sys
 import unicodedata
 from collections import Counter
 from functools import lru_cache
@@ -74,8 +75,16 @@ def _profile(subject: str, description: str) -> Profile:
     for term in counts:
         counts[term] *= 2
     counts.update(tokens(description))
-    weights = {t: 1 + math.log(c) for t, c in counts.items()}
+    # Up to 1,024 profiles stay cached. Terms are interned (incidents share their words) and
+    # weights are shared floats: 13 -> 6 MB for 1,024 of the benchmarks' generated mails.
+    weights = {
+        sys.intern(t): _WEIGHTS[c] if c < len(_WEIGHTS) else 1 + math.log(c)
+        for t, c in counts.items()
+    }
     return Profile(weights, sum(w * w for w in weights.values()))
+
+
+_WEIGHTS = tuple(1 + math.log(c) if c else 0.0 for c in range(256))  # 1 + log(count)
 
 
 def rank(
