@@ -234,7 +234,7 @@ class _Reader:
             ("major", f.major and (f.is_open or y_start <= f.created_at < y_end)),
         ):
             if listed:
-                self._list(self.lists[name], f, LISTED)
+                self._take(self.lists[name], f, LISTED)
         if f.is_open:
             self.by_tier.setdefault(f.tier or "-", Counter())[f.priority] += 1
             state = f.sla_state(self.warn_at)
@@ -244,12 +244,11 @@ class _Reader:
                 owners.add(f.assignee.lower())
             for owner in owners:
                 queue = self.queues.setdefault(owner, Queue())
-                queue.total += 1
                 queue.states[state] += 1
-                if len(queue.rows) < self.shown:
-                    queue.rows.append(_row(f, self.now, self.warn_at))
+                self._take(queue, f, self.shown)
 
-    def _list(self, listing: Listing, f: Facts, limit: int) -> None:
+    def _take(self, listing: Listing | Queue, f: Facts, limit: int) -> None:
+        """Count the incident; keep its row while the list shows fewer than `limit`."""
         listing.total += 1
         if len(listing.rows) < limit:
             listing.rows.append(_row(f, self.now, self.warn_at))
