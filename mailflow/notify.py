@@ -26,7 +26,7 @@ from sqlalchemy import insert
 from sqlalchemy.orm import Session
 
 from mailflow import tracking
-from mailflow.models import Outbox, ThreadRef, Ticket
+from mailflow.models import Outbox, Ticket
 
 if TYPE_CHECKING:
     from mailflow.desk import Desk
@@ -53,7 +53,7 @@ WIRE = _Wire(linesep="\r\n", max_line_length=None)
 _CONTROL = re.compile(r"[\x00-\x1f\x7f]+")
 
 
-_INSERT_OUTBOX, _INSERT_REF = insert(Outbox), insert(ThreadRef)
+_INSERT_OUTBOX = insert(Outbox)
 
 
 class Queued(NamedTuple):
@@ -212,11 +212,9 @@ def queue(
         }
         for q in rows
     ]
-    # Written at once with two multi-row inserts: no ORM object is needed for mail that
-    # only waits for the relay. A fresh Message-ID needs no lookup before its ThreadRef.
-    connection = session.connection()
-    connection.execute(_INSERT_OUTBOX, outbox)
+    # Written at once with a multi-row insert: no ORM object is needed for mail that only
+    # waits for the relay.
+    session.connection().execute(_INSERT_OUTBOX, outbox)
     if ticket_id is not None:
-        refs = [{"message_id": q.message_id, "ticket_id": ticket_id} for q in rows]
-        connection.execute(_INSERT_REF, refs)
+        tracking.remember_ours(session, ticket_id, [q.message_id for q in rows])
     return rows

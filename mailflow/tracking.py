@@ -91,6 +91,12 @@ _KNOWN = select(ThreadRef.ticket_id).where(ThreadRef.message_id == bindparam("me
 _REMEMBER = insert(ThreadRef)
 
 
+def remember_ours(session: Session, ticket_id: int, message_ids: list[str]) -> None:
+    """Record the Message-IDs of mail we just queued on a ticket: fresh ones, no lookup."""
+    rows = [{"message_id": m, "ticket_id": ticket_id} for m in message_ids]
+    session.connection().execute(_REMEMBER, rows)
+
+
 def remember(session: Session, ticket: Ticket, message_id: str) -> None:
     """Record a Message-ID as belonging to the ticket (idempotent)."""
     if not message_id:
