@@ -1,8 +1,8 @@
 """The incident process (seed §4.1) driven by mail: routing of new incidents and replies.
 
 A new incident is acknowledged and dispatched: to the service desk (L1) with the most similar
-resolved incidents, or — when major — straight to L2 with the post lead, the service desk lead
-and the incident manager alerted at once. A reply is read as a command through
+resolved incidents, or — when major — straight to L2 with the service desk, the post lead, the
+service desk lead and the incident manager alerted at once. A reply is read as a command through
 `lifecycle.INCIDENT`; the SLA state lives here too: the resolution clock runs only while the
 incident is `open` (the pauses are derived from the status events), `due_at` moves by the
 paused time whenever the status changes, and the first staff action is the response.
@@ -58,7 +58,10 @@ def on_new(
         session, desk, "ack", [ticket.requester], now, ticket=ticket, in_reply_to=mail.message_id
     )
     if ticket.major:
-        alerted = [*roles.l2, *roles.post_lead, *roles.service_desk_lead, *roles.incident_manager]
+        alerted = [
+            *roles.service_desk,  # every new incident reaches the desk, the users' contact
+            *roles.l2, *roles.post_lead, *roles.service_desk_lead, *roles.incident_manager,
+        ]
         notify.queue(session, desk, "major_incident", alerted, now, ticket=ticket)
         record(session, ticket, "major_alert", SYSTEM, now, ", ".join(dict.fromkeys(alerted)))
         return

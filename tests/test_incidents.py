@@ -185,8 +185,9 @@ def test_major_incident_goes_to_l2_and_alerts_everyone_at_once(desk, mailbox, sm
     report(desk, mailbox, clock, "营销系统瘫痪", "营销系统宕机，所有人都无法登录。")
     ticket = show(desk, capsys)
     assert (ticket["major"], ticket["tier"], ticket["priority"]) == (True, "L2", "P1")
-    for person in ("l2@example.test", "post@example.test", "lead@example.test",
-                   "im@example.test"):
+    # The contract: every new incident is mailed to every service_desk member.
+    for person in ("desk1@example.test", "desk2@example.test", "l2@example.test",
+                   "post@example.test", "lead@example.test", "im@example.test"):
         mails = sent_to(smtp, person)
         assert len(mails) == 1, person
         assert "重大事件" in str(parsed(mails[0])["Subject"])
