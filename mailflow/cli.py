@@ -10,6 +10,7 @@ import argparse
 import asyncio
 import json
 import logging
+import re
 import sys
 from collections.abc import Sequence
 from datetime import date
@@ -17,10 +18,10 @@ from pathlib import Path
 from typing import Any
 
 from sqlalchemy import func, select
-from sqlalchemy.exc import OperationalError
+from sqlalchemy.exc import DBAPIError, OperationalError
 
 from mailflow import __version__, tracking
-from mailflow.config import check_config, load_config, resolve_config_path
+from mailflow.config import load_config, read_config, resolve_config_path
 from mailflow.errors import MailflowError, TemporaryFailure
 from mailflow.models import Inbound, MailboxState, Outbox, Ticket, utcnow
 from mailflow.tickets import as_json, detail_json
@@ -28,6 +29,25 @@ from mailflow.tickets import as_json, detail_json
 EX_TEMPFAIL = 75
 INBOUND_STATES = ("processed", "ignored", "quarantined", "pending")
 OUTBOX_STATES = ("queued", "sent", "dead")
+# Where tomllib says a file went wrong: "... (at line 3, column 8)" or "(at end of document)".
+_TOML_AT = re.compile(r"\s*\(at (line \d+, column \d+|end of document)\)$")
+
+
+def _sentence(exc: BaseException) -> str:
+    """An error as one line: a database error by its driver's short message (no SQL, no
+    parameters, no link), also inside an error raised from one."""
+    text = str(exc)
+    for error in (exc, exc.__cause__):
+        if isinstance(error, DBAPIError) and error.orig is not None:
+            short = str(error.orig)
+            text = short if error is exc else text.replace(str(error), short)
+    return " ".join(text.split())
+
+
+def _os_error(exc: OSError) -> str:
+    """`FILE: reason` for a file that cannot be used, else the reason."""
+    reason = exc.strerror or str(exc)
+    return f"{exc.filename}: {reason}" if exc.filename else reason
 
 
 def _log_format(args: argparse.Namespace) -> str:
@@ -64,9 +84,9 @@ def cmd_run(args: argparse.Namespace) -> int:
             f"fetched {result.fetched}, processed {result.processed}, "
             f"sent {result.relay.sent}, retrying {result.relay.retried}, dead {result.relay.dead}"
         )
-        for error in result.errors:
-            print(f"error: {error}", file=sys.stderr)
-        return 0
+        for error in result.errors:  # a mail source failed: the rest of the pass was done
+            print(f"mailflow: {' '.join(str(error).split())}", file=sys.stderr)
+        return 1 if result.errors else 0
     asyncio.run(daemon.run())
     return 0
 
@@ -74,7 +94,12 @@ def cmd_run(args: argparse.Namespace) -> int:
 def cmd_ingest(args: argparse.Namespace) -> int:
     from mailflow import intake, pipeline
 
-    raw = Path(args.file).read_bytes() if args.file else sys.stdin.buffer.read()
+    try:
+        raw = Path(args.file).read_bytes() if args.file else sys.stdin.buffer.read()
+    except OSError as exc:  # missing, a directory, unreadable: retrying will not help
+        where = args.file or "standard input"
+        print(f"mailflow: cannot read {where}: {exc.strerror or exc}", file=sys.stderr)
+        return 1
     if not raw.strip():
         print("mailflow: no message on input", file=sys.stderr)
         return 1
@@ -89,7 +114,7 @@ def cmd_ingest(args: argparse.Namespace) -> int:
         else:
             print("already stored")
     except (TemporaryFailure, OperationalError) as exc:
-        print(f"mailflow: temporary failure, try again later: {exc}", file=sys.stderr)
+        print(f"mailflow: temporary failure, try again later: {_sentence(exc)}", file=sys.stderr)
         return EX_TEMPFAIL
     return 0
 
@@ -98,14 +123,13 @@ def cmd_check(args: argparse.Namespace) -> int:
     from mailflow.rules import check_rules
 
     path = resolve_config_path(args.config)
-    problems = [str(p) for p in check_config(path)]
-    if not problems:
-        settings = load_config(path)
-        problems += [str(p) for p in check_rules(settings.rules_dir)]
-        from mailflow.render import Renderer
-
-        renderer = Renderer(settings.templates_dir, settings.desk.language, settings.desk.tz)
-        problems += _check_templates(renderer)
+    # The settings come back despite problems whenever the file is TOML: its [paths] (or the
+    # defaults, as the loader finds them) locate rules/ and templates/ to check them too.
+    settings, found = read_config(path)
+    problems = [_problem(p) for p in found]
+    if settings is not None:
+        problems += [_problem(p) for p in check_rules(settings.rules_dir)]
+        problems += _check_templates(settings)
     for problem in problems:
         print(problem)
     if problems:
@@ -115,9 +139,23 @@ def cmd_check(args: argparse.Namespace) -> int:
     return 0
 
 
-def _check_templates(renderer: Any) -> list[str]:
+def _problem(problem: Any) -> str:
+    """`file: key: message`; a file that is not TOML has its line and column as the key."""
+    key, message = problem.key, problem.message
+    if key in ("", "-") and (at := _TOML_AT.search(message)):
+        key, message = at.group(1), message[: at.start()]
+    return f"{problem.file}: {key}: {message}" if key else f"{problem.file}: {message}"
+
+
+def _check_templates(settings: Any) -> list[str]:
     import jinja2
 
+    from mailflow.render import Renderer
+
+    try:
+        renderer = Renderer(settings.templates_dir, settings.desk.language, settings.desk.tz)
+    except jinja2.TemplateError as exc:  # e.g. a broken or missing _macros.txt
+        return [f"{settings.templates_dir}: {' '.join(str(exc).split())}"]
     problems = []
     for name in renderer.names():
         try:
@@ -182,8 +220,10 @@ def cmd_status(args: argparse.Namespace) -> int:
     print("outbox:  " + ", ".join(f"{k} {v}" for k, v in data["outbox"].items()))
     print(f"last poll: {data['last_poll'] or 'never'}")
     for name, box in data["mailboxes"].items():
-        print(f"mailbox {name}: last poll {box['last_poll'] or 'never'}, "
-              f"polled by {box['poller'] or 'no one now'}")
+        print(
+            f"mailbox {name}: last poll {box['last_poll'] or 'never'}, "
+            f"polled by {box['poller'] or 'no one now'}"
+        )
     for name, error in data["errors"].items():
         print(f"error: {name}: {error}")
     return 0
@@ -379,13 +419,16 @@ def main(argv: Sequence[str] | None = None) -> int:
     try:
         return args.func(args)
     except TemporaryFailure as exc:
-        print(f"mailflow: {exc}", file=sys.stderr)
+        print(f"mailflow: {_sentence(exc)}", file=sys.stderr)
         return EX_TEMPFAIL
     except MailflowError as exc:
         print(f"mailflow: {exc}", file=sys.stderr)
         return 2
     except OperationalError as exc:
-        print(f"mailflow: database unavailable: {exc.orig}", file=sys.stderr)
+        print(f"mailflow: database unavailable: {_sentence(exc)}", file=sys.stderr)
         return EX_TEMPFAIL
+    except OSError as exc:  # a file that cannot be read or written: no traceback
+        print(f"mailflow: {_os_error(exc)}", file=sys.stderr)
+        return 1
     except KeyboardInterrupt:
         return 130

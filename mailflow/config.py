@@ -582,7 +582,9 @@ def _request_settings(r: _Reader, roles: Roles) -> RequestSettings:
     return settings
 
 
-def _read(path: Path) -> tuple[Settings | None, list[Problem]]:
+def read_config(path: Path) -> tuple[Settings | None, list[Problem]]:
+    """The settings and every problem in the config file. The settings come back despite
+    problems whenever the file is TOML (e.g. to find rules/ for `check`); None when not."""
     file = str(path)
     try:
         data = tomllib.loads(path.read_text(encoding="utf-8"))
@@ -757,12 +759,12 @@ def _read(path: Path) -> tuple[Settings | None, list[Problem]]:
 
 def check_config(path: Path) -> list[Problem]:
     """Every problem in the config file (empty when it is valid)."""
-    return _read(path)[1]
+    return read_config(path)[1]
 
 
 def load_config(path: Path) -> Settings:
     """Load and validate; raise ConfigError naming every problem."""
-    settings, problems = _read(path)
+    settings, problems = read_config(path)
     if problems or settings is None:
         raise ConfigError("; ".join(str(p) for p in problems))
     return settings

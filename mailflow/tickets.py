@@ -235,9 +235,13 @@ def as_json(session: Session, ticket: Ticket, messages: int | None = None) -> di
 
 
 def detail_json(session: Session, ticket: Ticket) -> dict[str, Any]:
-    """`show REF --json`: the ticket plus every mail in and out and every event."""
+    """`show REF --json`: the ticket plus every mail in and out and every event.
+
+    Interactions are in time order; mails with the same time (fetched in one pass, queued
+    in one transaction) come inbound first, then each direction by row id: the same order
+    whatever order the database returns rows in."""
     data = as_json(session, ticket)
-    interactions: list[tuple[datetime, int, dict[str, Any]]] = []
+    interactions: list[tuple[datetime, int, int, dict[str, Any]]] = []
     for row in session.scalars(
         select(Inbound).where(Inbound.ticket_id == ticket.id, Inbound.state == "processed")
     ):
@@ -245,6 +249,7 @@ def detail_json(session: Session, ticket: Ticket) -> dict[str, Any]:
             (
                 row.received_at,
                 0,
+                row.id,
                 {
                     "direction": "in",
                     "from": row.from_addr,
@@ -260,6 +265,7 @@ def detail_json(session: Session, ticket: Ticket) -> dict[str, Any]:
             (
                 out.created_at,
                 1,
+                out.id,
                 {
                     "direction": "out",
                     "from": out.sender,
@@ -272,8 +278,8 @@ def detail_json(session: Session, ticket: Ticket) -> dict[str, Any]:
                 },
             )
         )
-    interactions.sort(key=lambda item: (item[0], item[1]))
-    data["interactions"] = [item[2] for item in interactions]
+    interactions.sort(key=lambda item: item[:3])
+    data["interactions"] = [item[3] for item in interactions]
     data["events"] = [
         {"at": _iso(e.at), "action": e.action, "actor": e.actor, "detail": e.detail}
         for e in ticket.events

@@ -1,0 +1,269 @@
+"""The command line's errors per the contract: one clear sentence on stderr, a non-zero exit
+status, never a traceback; `check` names every problem; `show --json` in a fixed order."""
+
+from __future__ import annotations
+
+import json
+import re
+import shutil
+import socket
+import sqlite3
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+from sqlalchemy import Engine, event, select
+from support import REPO, desk_config, make_desk, make_mail, write_config
+
+import mailflow.cli
+import mailflow.db
+from mailflow.cli import main
+from mailflow.config import load_config
+from mailflow.daemon import Daemon
+from mailflow.models import Inbound, Outbox
+
+
+def cli(config: Path, capsys, *args: str) -> tuple[int, str, str]:
+    capsys.readouterr()
+    code = main(["--config", str(config), *args])
+    out = capsys.readouterr()
+    return code, out.out, out.err
+
+
+def one_sentence(err: str) -> str:
+    """stderr holds exactly one line, from mailflow."""
+    lines = err.strip().splitlines()
+    assert len(lines) == 1, err
+    assert lines[0].startswith("mailflow: ") and "Traceback" not in err
+    return lines[0]
+
+
+@pytest.fixture
+def refused_port() -> Iterator[int]:
+    """A local TCP port that refuses connections: bound (so no one else takes it), not
+    listening."""
+    sock = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
+    sock.bind(("127.0.0.1", 0))
+    try:
+        yield sock.getsockname()[1]
+    finally:
+        sock.close()
+
+
+# -- run --once -------------------------------------------------------------------------------
+
+
+def test_run_once_delivers_the_outbox_but_exits_1_when_fetching_failed(
+    tmp_path, capsys, refused_port
+):
+    imap = {
+        "host": "127.0.0.1",
+        "port": refused_port,
+        "security": "none",
+        "username": "itsm@example.test",
+        "password": "pw",
+        "timeout": 5,
+        "idle": False,
+    }
+    config = desk_config(tmp_path, imap=imap)
+    eml = tmp_path / "m.eml"
+    eml.write_bytes(make_mail("pipe@example.test", "打印机卡纸", "三楼打印机"))
+    assert cli(config, capsys, "ingest", str(eml))[:2] == (0, "processed INC-1\n")
+    outgoing = tmp_path / "outgoing"
+    assert not list(outgoing.glob("*.eml"))
+
+    code, out, err = cli(config, capsys, "run", "--once")
+
+    assert code == 1
+    line = one_sentence(err)
+    assert "IMAP connection to 127.0.0.1" in line and "refused" in line
+    assert out.startswith("fetched 0, processed 0, sent ")
+    assert len(list(outgoing.glob("*.eml"))) >= 2, "the outbox was delivered all the same"
+
+
+def test_run_once_without_errors_still_exits_0(tmp_path, capsys):
+    config = desk_config(tmp_path)
+    code, out, err = cli(config, capsys, "run", "--once")
+    assert (code, err) == (0, "")
+    assert out.startswith("fetched 0, processed 0")
+
+
+# -- ingest -----------------------------------------------------------------------------------
+
+
+def test_ingest_of_a_missing_file_is_one_sentence_and_exit_1(tmp_path, capsys):
+    config = desk_config(tmp_path)
+    missing = tmp_path / "nonexistent.eml"
+    code, out, err = cli(config, capsys, "ingest", str(missing))
+    assert (code, out) == (1, "")
+    assert one_sentence(err) == f"mailflow: cannot read {missing}: No such file or directory"
+
+
+def test_ingest_of_a_directory_is_one_sentence_and_exit_1(tmp_path, capsys):
+    config = desk_config(tmp_path)
+    code, _, err = cli(config, capsys, "ingest", str(tmp_path))
+    assert code == 1
+    assert one_sentence(err) == f"mailflow: cannot read {tmp_path}: Is a directory"
+
+
+def test_an_os_error_in_any_command_is_one_sentence(tmp_path, capsys, monkeypatch):
+    config = desk_config(tmp_path)
+
+    def unreadable(args):
+        raise PermissionError(13, "Permission denied", "/srv/mailflow/var/export.csv")
+
+    monkeypatch.setattr(mailflow.cli, "cmd_status", unreadable)
+    code, _, err = cli(config, capsys, "status")
+    assert code == 1
+    assert one_sentence(err) == "mailflow: /srv/mailflow/var/export.csv: Permission denied"
+
+
+def test_ingest_on_a_locked_database_prints_the_driver_message_only(tmp_path, capsys, monkeypatch):
+    config = desk_config(tmp_path)
+    if not load_config(config).database_url.startswith("sqlite:///"):
+        pytest.fail("this test locks a SQLite database; run it on SQLite")
+    first, second = tmp_path / "1.eml", tmp_path / "2.eml"
+    first.write_bytes(make_mail("a@example.test", "打印机卡纸", "卡纸"))
+    second.write_bytes(make_mail("b@example.test", "显示器不亮", "黑屏"))
+    assert cli(config, capsys, "ingest", str(first))[0] == 0
+
+    real = mailflow.db._sqlite_pragmas
+
+    def no_waiting(dbapi_connection, record):  # fail at once instead of after 30 s
+        real(dbapi_connection, record)
+        dbapi_connection.execute("PRAGMA busy_timeout=0")
+
+    monkeypatch.setattr(mailflow.db, "_sqlite_pragmas", no_waiting)
+    path = load_config(config).database_url[len("sqlite:///") :]
+    holder = sqlite3.connect(path, isolation_level=None)
+    try:
+        holder.execute("BEGIN IMMEDIATE")  # another writer holds the database
+        code, _, err = cli(config, capsys, "ingest", str(second))
+    finally:
+        holder.close()
+    assert code == 75
+    line = one_sentence(err)
+    assert "database is locked" in line
+    for noise in ("[SQL", "[parameters", "sqlalche.me", "INSERT"):
+        assert noise not in err
+
+
+# -- check ------------------------------------------------------------------------------------
+
+
+def broken_rules(directory: Path) -> Path:
+    """The shipped rules with one bad priority in 40-marketing.toml."""
+    shutil.copytree(REPO / "rules", directory)
+    marketing = directory / "40-marketing.toml"
+    marketing.write_text(
+        marketing.read_text(encoding="utf-8").replace('"P2"', '"P9"'), encoding="utf-8"
+    )
+    return directory
+
+
+def test_check_prints_config_and_rule_problems_together(tmp_path, capsys, monkeypatch):
+    etc = tmp_path / "etc"
+    etc.mkdir()
+    rules = broken_rules(etc / "my-rules")
+    config = write_config(
+        etc / "config.toml",
+        {
+            "desk": {"language": "fr"},
+            "roles": {"service_desk": ["desk1@example.test"]},
+            "paths": {"rules": "my-rules"},  # relative: against the config's directory
+        },
+    )
+    monkeypatch.chdir(tmp_path)
+    code, out, _ = cli(config, capsys, "check")
+    assert code == 1
+    assert f"{config}: desk.language:" in out
+    assert f"{rules / '40-marketing.toml'}: set.priority:" in out
+
+
+def test_check_finds_the_rules_beside_the_config_when_the_config_has_problems(tmp_path, capsys):
+    rules = broken_rules(tmp_path / "rules")
+    config = write_config(
+        tmp_path / "config.toml",
+        {"desk": {"language": "fr"}, "roles": {"service_desk": ["desk1@example.test"]}},
+    )
+    code, out, _ = cli(config, capsys, "check")
+    assert code == 1
+    assert f"{config}: desk.language:" in out
+    assert f"{rules / '40-marketing.toml'}: set.priority:" in out
+
+
+def test_check_gives_the_line_and_column_of_a_rule_file_that_is_not_toml(tmp_path, capsys):
+    rules = tmp_path / "rules"
+    shutil.copytree(REPO / "rules", rules)
+    (rules / "06-broken.toml").write_text('description = "x"\n[match\n', encoding="utf-8")
+    config = write_config(
+        tmp_path / "config.toml",
+        {"roles": {"service_desk": ["desk1@example.test"]}, "paths": {"rules": str(rules)}},
+    )
+    code, out, _ = cli(config, capsys, "check")
+    assert code == 1
+    broken = [line for line in out.splitlines() if "06-broken.toml" in line]
+    assert len(broken) == 1
+    assert re.fullmatch(
+        re.escape(str(rules / "06-broken.toml")) + r": line 2, column \d+: invalid TOML: .+",
+        broken[0],
+    ), broken[0]
+    assert "(at line" not in broken[0]
+
+
+def test_check_gives_the_line_of_a_config_file_that_is_not_toml(tmp_path, capsys):
+    config = tmp_path / "config.toml"
+    config.write_text('[desk]\naddress = "itsm@example.test"\nname = \n', encoding="utf-8")
+    code, out, _ = cli(config, capsys, "check")
+    assert code == 1
+    assert out.startswith(f"{config}: line 3, column 8: not valid TOML: ")
+
+
+# -- show --json ------------------------------------------------------------------------------
+
+
+@pytest.fixture
+def unordered_selects_reversed() -> Iterator[None]:
+    """SQLite returns the rows of a SELECT without ORDER BY in reverse order, as another
+    database (PostgreSQL) may return them in any order."""
+
+    def reverse(dbapi_connection, _record):
+        if isinstance(dbapi_connection, sqlite3.Connection):
+            dbapi_connection.execute("PRAGMA reverse_unordered_selects = ON")
+
+    event.listen(Engine, "connect", reverse)
+    try:
+        yield
+    finally:
+        event.remove(Engine, "connect", reverse)
+
+
+def test_show_json_orders_interactions_by_time_then_id(
+    tmp_path, mailbox, smtp, clock, capsys, unordered_selects_reversed
+):
+    desk = make_desk(tmp_path, mailbox=mailbox, smtp=smtp)
+    daemon = Daemon(desk, clock)  # the clock stands still: every mail gets the same time
+    mailbox.append(make_mail("u@example.test", "打印机卡纸", "三楼打印机卡纸"))
+    daemon.run_once()
+    for n in (1, 2, 3):
+        mailbox.append(make_mail("u@example.test", "Re: [INC-1] 打印机卡纸", f"补充 {n}"))
+    daemon.run_once()
+    with desk.db.sessions() as session:
+        inbound = session.scalars(
+            select(Inbound.text).where(Inbound.ticket_id.is_not(None)).order_by(Inbound.id)
+        ).all()
+        outbound = session.execute(
+            select(Outbox.recipient, Outbox.subject).order_by(Outbox.id)
+        ).all()
+    desk.close()
+    assert len(inbound) == 4 and len(outbound) >= 3
+
+    code, out, _ = cli(desk.settings.path, capsys, "show", "INC-1", "--json")
+    assert code == 0
+    interactions = json.loads(out)["interactions"]
+    assert len({item["at"] for item in interactions}) == 1, "one time for all: a tie"
+    assert [item["direction"] for item in interactions] == ["in"] * 4 + ["out"] * len(outbound)
+    assert [item["text"] for item in interactions[:4]] == list(inbound)
+    assert [(item["to"], item["subject"]) for item in interactions[4:]] == [
+        tuple(row) for row in outbound
+    ]
