@@ -33,7 +33,6 @@ import re
 import secrets
 from dataclasses import dataclass, field
 from datetime import datetime
-from email.utils import getaddresses
 from typing import TYPE_CHECKING
 
 from sqlalchemy import select
@@ -125,7 +124,7 @@ def tokens_in(mail: ParsedMail, desk_address: str) -> list[str]:
     found: list[str] = []
     recipients = list(mail.to) + list(mail.cc)
     for header in _DELIVERY_HEADERS:
-        recipients += [a for _, a in getaddresses(mail.header_all(header))]
+        recipients += mail.addresses(header)
     for candidate in recipients:
         match = address.match(candidate.strip().lower())
         if match:
@@ -371,9 +370,7 @@ def _refuse(code: str, approval: Approval | None = None, **values: str) -> Verdi
 
 def senders(mail: ParsedMail) -> list[str]:
     """Every address in the From header(s), lowercased."""
-    return list(
-        dict.fromkeys(a.lower() for _, a in getaddresses(mail.header_all("from")) if a)
-    ) or ([mail.from_addr] if mail.from_addr else [])
+    return mail.addresses("from") or ([mail.from_addr] if mail.from_addr else [])
 
 
 def verify(
@@ -397,7 +394,7 @@ def verify(
         return _refuse("several_senders", row)
     if from_addresses[0] != row.approver:
         return _refuse("wrong_sender", row, sender=from_addresses[0])
-    agents = [a.lower() for _, a in getaddresses(mail.header_all("sender")) if a]
+    agents = mail.addresses("sender")
     if any(a != row.approver for a in agents):
         return _refuse("on_behalf", row, sender=agents[0] if len(agents) == 1 else "?")
     auth = ""

@@ -28,7 +28,6 @@ import logging
 import re
 from dataclasses import dataclass, field
 from datetime import datetime, timedelta
-from email.utils import getaddresses
 from typing import TYPE_CHECKING
 
 from sqlalchemy import bindparam, delete, func, insert, or_, select
@@ -73,8 +72,7 @@ def claims_desk(desk: Desk, mail: ParsedMail) -> str | None:
     `"itsm@example.test" <someone@else>` is only a name: that mail is from someone else.
     """
     for name in ("from", "sender"):
-        values = [v for h, v in mail.raw_headers if h.lower() == name]
-        addresses = [a for _, a in getaddresses(values)] if values else []
+        addresses = mail.addresses(name)
         if name == "from":
             addresses.append(mail.from_addr)
         if any(is_desk_address(desk, a) for a in addresses if a):

@@ -13,6 +13,7 @@ from __future__ import annotations
 import re
 import unicodedata
 from collections.abc import Callable
+from dataclasses import replace
 from datetime import datetime
 from typing import TYPE_CHECKING, Any
 
@@ -186,7 +187,7 @@ def on_reply(
     """Apply the command in the new text of a reply, if the sender may give it."""
     sender = mail.from_addr
     held = lifecycle.roles_on(ticket, sender, desk.settings.roles)
-    cmd = interpret(ticket, commands.parse(mail.new_text), held)
+    cmd = interpret(ticket, commands.parse(mail.new_text, mail.from_name), held)
     if cmd is None:  # a thank-you to a closed incident: kept on record, nothing to do
         record(session, ticket, "comment", sender, now, mail.new_text)
         return
@@ -210,24 +211,34 @@ def courtesy(text: str) -> bool:
     return not rest
 
 
+def acknowledges(cmd: Command) -> bool:
+    """Whether a user's reply only confirms or says thanks: nothing to act on."""
+    return cmd.action in ("confirm", "resolve") or (cmd.action == "comment" and courtesy(cmd.said))
+
+
 def interpret(ticket: Ticket, cmd: Command, held: frozenset[str]) -> Command | None:
     """What a reply means in context; None when it needs no action.
 
-    A user's `note:` is an ordinary comment. The requester's `已解决` on a resolved incident
-    confirms it. A requester's reply to a closed incident reopens it (pipeline.py sends
-    replies after the grace period to a new incident instead) — unless it only says thanks.
+    A user's `note:` or request word (`同意` …) is an ordinary comment, and so is whatever
+    the requester answers to a question (`待用户`): "同意，下午可以" is an answer. The
+    requester's `已解决` on a resolved incident confirms it; anything else but thanks says
+    it is not solved and reopens it. A requester's reply to a closed incident reopens it too
+    (pipeline.py sends replies after the grace period to a new incident instead), unless it
+    only says thanks or confirms.
     """
     staff = lifecycle.is_staff(held)
-    if cmd.action == "note" and not staff:
-        cmd = Command("comment", "", cmd.text)
+    if not staff and (cmd.action == "note" or cmd.action not in lifecycle.INCIDENT):
+        cmd = replace(cmd, action="comment", argument="")
     if staff or "requester" not in held:
         return cmd
+    if ticket.status == "pending" and lifecycle.check(ticket, cmd.action, held) is not None:
+        return replace(cmd, action="comment", argument="")
     if ticket.status == "resolved" and cmd.action == "resolve":
-        return Command("confirm", "", cmd.text)
+        return replace(cmd, action="confirm", argument="")
+    if ticket.status == "resolved" and cmd.action == "comment" and not courtesy(cmd.said):
+        return replace(cmd, action="reopen", argument=cmd.said)
     if ticket.status == "closed" and cmd.action in ("comment", "confirm", "resolve"):
-        if courtesy(cmd.text) or cmd.action != "comment":
-            return None
-        return Command("reopen", cmd.text, cmd.text)
+        return None if acknowledges(cmd) else replace(cmd, action="reopen", argument=cmd.said)
     return cmd
 
 
@@ -390,8 +401,7 @@ def escalate(
 
 
 def _escalate(session, desk, ticket, sender, cmd, held, now) -> None:
-    below = "\n".join(cmd.text.strip().splitlines()[1:]).strip()
-    escalate(session, desk, ticket, sender, now, "\n".join(p for p in (cmd.argument, below) if p))
+    escalate(session, desk, ticket, sender, now, cmd.argument)
 
 
 def _assign(session, desk, ticket, sender, cmd, held, now) -> None:

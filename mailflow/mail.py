@@ -80,6 +80,16 @@ class ParsedMail:
         key = name.lower()
         return [decode_header_value(v) for h, v in self.raw_headers if h.lower() == key]
 
+    def addresses(self, name: str) -> list[str]:
+        """Every address in the headers called ``name``, lowercased, in order, once each.
+
+        Read from the raw values, as From and To are: a decoded display name may hold a
+        comma ("Li, Si") that would split it into two addresses.
+        """
+        key = name.lower()
+        values = [v for h, v in self.raw_headers if h.lower() == key]
+        return list(dict.fromkeys(a for _, a in _addresses(values)))
+
 
 # --------------------------------------------------------------------------- charsets
 

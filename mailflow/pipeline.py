@@ -21,7 +21,7 @@ from sqlalchemy import bindparam, insert, select, update
 from sqlalchemy.exc import DataError, IntegrityError, SQLAlchemyError
 from sqlalchemy.orm import Session
 
-from mailflow import approvals, exporter, guard, incidents, logs, requests, tracking
+from mailflow import approvals, commands, exporter, guard, incidents, logs, requests, tracking
 from mailflow.desk import Desk
 from mailflow.mail import MESSAGE_ID_LIMIT, ParsedMail
 from mailflow.mailboxes import with_mailbox_defaults
@@ -142,14 +142,14 @@ def _route(
     refused = guard.refused_sender(desk, mail)
     if refused:
         return Outcome("ignored", guard.safe_text(refused))
-    if tracking.answers_ticketless_mail(session, mail.in_reply_to):
+    ticket = tracking.find_ticket(session, mail.subject, mail.in_reply_to, mail.references)
+    # A reply to a digest or report is about no ticket, unless its subject names one.
+    if ticket is None and tracking.answers_ticketless_mail(session, mail.in_reply_to):
         return Outcome("ignored", "a reply to a digest or report, which belongs to no ticket")
     guard.begin(session, mail, inbound, now)
-    ticket = tracking.find_ticket(
-        session, mail.subject, mail.in_reply_to, mail.references
-    ) or approvals.ticket_by_token(session, mail, desk.address)
+    ticket = ticket or approvals.ticket_by_token(session, mail, desk.address)
     process = incidents if ticket is None or ticket.kind == "incident" else requests
-    if ticket is not None and _closed_too_long(desk, ticket, mail.from_addr, now):
+    if ticket is not None and _closed_too_long(desk, ticket, mail, now):
         parent, ticket = ticket, None
     else:
         parent = None
@@ -173,17 +173,19 @@ def _route(
     return Outcome("processed", None, ticket)
 
 
-def _closed_too_long(desk: Desk, ticket: Ticket, sender: str, now: datetime) -> bool:
+def _closed_too_long(desk: Desk, ticket: Ticket, mail: ParsedMail, now: datetime) -> bool:
     """A user's reply to an incident closed longer than the grace period opens a new one.
 
-    Staff replying to an old incident add to its record instead of opening one in their name.
+    Staff replying to an old incident add to its record instead of opening one in their name;
+    so does a user who only says thanks or confirms.
     """
     return (
         ticket.kind == "incident"
-        and not desk.settings.roles.of(sender)
+        and not desk.settings.roles.of(mail.from_addr)
         and ticket.status == "closed"
         and ticket.closed_at is not None
         and now - ticket.closed_at > desk.settings.incident.reopen_grace
+        and not incidents.acknowledges(commands.parse(mail.new_text, mail.from_name))
     )
 
 

@@ -114,7 +114,7 @@ def on_reply(
 ) -> None:
     """A decision, the requester's missing fields, or a command through the REQUEST table."""
     sender = mail.from_addr
-    cmd = commands.parse(mail.new_text)
+    cmd = commands.parse(mail.new_text, mail.from_name)
     if cmd.action in ("approve", "reject"):
         decide(session, desk, ticket, mail, cmd, now)
         return

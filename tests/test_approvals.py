@@ -223,6 +223,48 @@ def test_the_reply_address_alone_finds_the_request(desk, mailbox, smtp, clock, c
     assert cli_json(desk, capsys, "show", "REQ-1")["status"] == "approved"
 
 
+# -- the real approver, writing as people write ----------------------------------------------
+
+
+def test_an_approver_whose_encoded_name_holds_a_comma_decides(desk, mailbox, smtp, clock,
+                                                              capsys):
+    approval = request(mailbox, desk, smtp, clock)
+    raw = answer(approval, APPROVER, "同意")
+    # How mail clients write the display name "Li, Si (李四)": the comma is inside a word.
+    raw = raw.replace(b"From: approver@example.test",
+                      b"From: =?utf-8?b?TGksIFNpICjmnY7lm5sp?= <approver@example.test>", 1)
+    assert b"=?utf-8?b?TGksIFNpICjmnY7lm5sp?=" in raw
+    mailbox.append(raw)
+    run_once(desk, clock)
+    assert cli_json(desk, capsys, "show", "REQ-1")["status"] == "approved"
+    assert refusals(desk, capsys) == []
+
+
+def test_a_greeting_before_the_decision_and_a_signature_after_it(desk, mailbox, smtp, clock,
+                                                                capsys):
+    approval = request(mailbox, desk, smtp, clock)
+    mailbox.append(answer(approval, APPROVER, "您好：\n同意。\n\n李四\n财务处 | 电话 1234"))
+    run_once(desk, clock)
+    assert cli_json(desk, capsys, "show", "REQ-1")["status"] == "approved"
+    # A rejection needs a reason, and a signature is none.
+    approval = request(mailbox, desk, smtp, clock, "申请开通邮箱")
+    mailbox.append(answer(approval, APPROVER, "驳回\n\n李四\n财务处 | 电话 1234"))
+    run_once(desk, clock)
+    assert cli_json(desk, capsys, "show", "REQ-2")["status"] == "pending_approval"
+    assert [e["detail"] for e in refusals(desk, capsys, "REQ-2")] == [
+        f"reject: {approvals.REASONS['reason_required']}"
+    ]
+    mailbox.append(
+        answer(approval, APPROVER, "Hi,\nreject: no budget this year\n\nBest regards,\nLi Si")
+    )
+    run_once(desk, clock)
+    ticket = cli_json(desk, capsys, "show", "REQ-2")
+    assert ticket["status"] == "rejected"
+    assert [e["detail"] for e in ticket["events"] if e["action"] == "rejected"] == [
+        "step 1/1 approvers.default: no budget this year"
+    ]
+
+
 def test_a_token_whose_stored_row_was_altered_is_refused(desk, mailbox, smtp, clock, capsys):
     """The HMAC binds the token to its approver: rewriting the row does not reroute it."""
     approval = request(mailbox, desk, smtp, clock)
@@ -332,17 +374,17 @@ def test_tokens_are_read_from_the_reply_address_and_the_thread():
     token = approvals.make_token(b"k", 1, 0, APPROVER)
     mail = SimpleNamespace(
         to=[f"itsm+{token}@example.test"], cc=[], in_reply_to=[], references=[],
-        header_all=lambda name: [],
+        addresses=lambda name: [],
     )
     assert approvals.tokens_in(mail, "itsm@example.test") == [token]
     mail.to = ["itsm@example.test"]
     mail.references = ["x@y", approvals.message_id("itsm@example.test", token)]
     assert approvals.tokens_in(mail, "itsm@example.test") == [token]
     mail.references = []
-    mail.header_all = lambda name: [f"ITSM+{token.upper()}@EXAMPLE.TEST"] if name == (
+    mail.addresses = lambda name: [f"ITSM+{token.upper()}@EXAMPLE.TEST"] if name == (
         "delivered-to") else []
     assert approvals.tokens_in(mail, "itsm@example.test") == [token]
-    mail.header_all = lambda name: []
+    mail.addresses = lambda name: []
     mail.to = [f"other+{token}@example.test", f"itsm+{token}@evil.test"]
     assert approvals.tokens_in(mail, "itsm@example.test") == []
 

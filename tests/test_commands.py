@@ -1,4 +1,5 @@
-"""Reply commands: read from the first line of the new text only, in English and Chinese."""
+"""Reply commands: read from the first line of the new text (after a greeting), in English and
+Chinese; a signature is no part of what they say."""
 
 from __future__ import annotations
 
@@ -9,7 +10,7 @@ from pathlib import Path
 import pytest
 from support import make_mail
 
-from mailflow.commands import parse
+from mailflow.commands import essential_lines, parse
 from mailflow.mail import parse as parse_mail
 
 FIXTURES = Path(__file__).parent / "fixtures" / "mail"
@@ -52,6 +53,47 @@ def test_commands_in_both_languages(text, action, argument):
     cmd = parse(text)
     assert (cmd.action, cmd.argument) == (action, argument)
     assert cmd.text == text.strip()
+
+
+@pytest.mark.parametrize(
+    ("text", "signer", "action", "argument"),
+    [
+        # A greeting first: the command is on the next line.
+        ("您好：\n同意。\n\n李四", "李四", "approve", ""),
+        ("张工，你好！\n已解决\n更换了硒鼓。", "", "resolve", "更换了硒鼓。"),
+        ("各位好\n升级\n需要现场处理", "", "escalate", "需要现场处理"),
+        ("Hi team,\nresolve: replaced the toner", "", "resolve", "replaced the toner"),
+        ("Dear Li Si,\n\nreject: no budget", "", "reject", "no budget"),
+        # A signature after it: the sender's name, a closing, `-- `, or name and phone.
+        ("驳回\n\n李四\n财务处 | 电话 1234", "", "reject", ""),
+        ("驳回 预算不足\n李四", "李四", "reject", "预算不足"),
+        ("驳回\n预算不足\nLi Si", "Li, Si (李四)", "reject", "预算不足"),
+        ("已解决\n更换了硒鼓。\n\n此致\n敬礼\n王五", "", "resolve", "更换了硒鼓。"),
+        ("resolve\nReplaced the cable.\n\nBest regards,\nBob", "", "resolve",
+         "Replaced the cable."),
+        ("resolve\nReplaced the cable.\n-- \nBob Smith\nIT", "", "resolve",
+         "Replaced the cable."),
+        # What only looks like one stays: a reason that mentions a phone number, a long text.
+        ("驳回\n请先联系财务处 电话 1234 再申请", "", "reject", "请先联系财务处 电话 1234 再申请"),
+        ("Hi, resolved.", "", "comment", ""),
+    ],
+)
+def test_greetings_and_signatures(text, signer, action, argument):
+    cmd = parse(text, signer)
+    assert (cmd.action, cmd.argument) == (action, argument)
+    assert cmd.text == text  # the whole text is kept as written (comments, the record)
+
+
+def test_what_a_reply_says_without_greeting_and_signature():
+    assert essential_lines("好的，谢谢！\n\n张三\n信息中心 网络运维班\n电话：0769-12345678") == [
+        "好的，谢谢！"
+    ]
+    assert parse("您好\n\n谢谢！\n张三", "张三").said == "谢谢！"
+    # A signature is never the first line: a mail of one name is what it says.
+    assert essential_lines("张三", "张三") == ["张三"]
+    # Lines after a closing are no signature when they run long: they are the mail.
+    long = "已解决\n谢谢\n" + "\n".join(f"第{i}步：检查设备" for i in range(8))
+    assert essential_lines(long) == long.splitlines()
 
 
 @pytest.mark.parametrize(
@@ -132,7 +174,7 @@ def test_a_command_in_quoted_history_is_not_read(style):
 @pytest.mark.parametrize(
     ("fixture", "action", "argument"),
     [("outlook_cn_reply.eml", "resolve", "重启后恢复正常，谢谢。"),
-     ("gmail_cn_reply.eml", "escalate", "")],
+     ("gmail_cn_reply.eml", "escalate", "用户明天要出差，比较着急。")],
 )
 def test_real_client_replies(fixture, action, argument):
     mail = parse_mail((FIXTURES / fixture).read_bytes())

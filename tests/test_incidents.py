@@ -17,7 +17,7 @@ from zoneinfo import ZoneInfo
 import pytest
 from support import DESK, REPO, body_of, make_desk, make_mail, parsed, reply, run_once
 
-from mailflow import jobs, sla_jobs
+from mailflow import digest, jobs, sla_jobs
 from mailflow.cli import main
 from mailflow.commands import Command
 from mailflow.models import Ticket
@@ -488,6 +488,85 @@ def test_reply_to_a_closed_incident_reopens_within_grace_and_later_opens_a_linke
     with desk.db.sessions() as session:
         old_id = session.query(Ticket.id).filter(Ticket.number == 1).scalar()
         assert session.query(Ticket.parent_id).filter(Ticket.number == 2).scalar() == old_id
+
+
+# -- replies as people write them ---------------------------------------------------------
+
+SIGNATURE = "\n\n张三\n信息中心 网络运维班\n电话：0769-12345678"
+
+
+def closed_incident(desk, mailbox, smtp, clock, capsys) -> bytes:
+    """INC-1 resolved by desk1 and confirmed; returns the 'closed' notice the user got."""
+    report(desk, mailbox, clock, "三楼打印机卡纸", "打印机卡纸，无法打印。")
+    answer(desk, mailbox, clock, last_to(smtp, "desk1@example.test"), "desk1@example.test",
+           "已解决\n清理了进纸器。")
+    answer(desk, mailbox, clock, last_to(smtp, USER), USER, "确认")
+    assert show(desk, capsys)["status"] == "closed"
+    return last_to(smtp, USER)
+
+
+def test_thanks_with_a_signature_or_after_the_grace_period_opens_nothing(
+    desk, mailbox, smtp, clock, capsys
+):
+    closed = closed_incident(desk, mailbox, smtp, clock, capsys)
+    answer(desk, mailbox, clock, closed, USER, "好的，谢谢！" + SIGNATURE)
+    assert show(desk, capsys)["status"] == "closed"
+    assert "reopened" not in actions(show(desk, capsys))
+    clock.advance(days=8)  # past [incident] reopen_grace: thanks and a late confirmation
+    answer(desk, mailbox, clock, closed, USER, "好的，谢谢！")
+    answer(desk, mailbox, clock, closed, USER, "确认" + SIGNATURE)
+    assert [t["ref"] for t in cli_json(desk, capsys, "tickets")] == ["INC-1"]
+    assert show(desk, capsys)["messages"] == 6  # all kept on the old incident's record
+    # A report that it is broken again still opens a new incident.
+    answer(desk, mailbox, clock, closed, USER, "打印机又卡纸了。" + SIGNATURE)
+    assert [t["ref"] for t in cli_json(desk, capsys, "tickets")] == ["INC-1", "INC-2"]
+
+
+def test_the_requesters_answer_to_a_question_resumes_the_incident(
+    desk, mailbox, smtp, clock, capsys
+):
+    report(desk, mailbox, clock, "电脑很卡", "打开文件很慢。")
+    answer(desk, mailbox, clock, last_to(smtp, "desk1@example.test"), "desk1@example.test",
+           "待用户\n请问是否同意我们远程协助？")
+    assert show(desk, capsys)["status"] == "pending"
+    # "同意" and "确认" start many an answer: they are no commands of the requester's here.
+    answer(desk, mailbox, clock, last_to(smtp, USER), USER, "同意，下午两点以后都可以。")
+    ticket = show(desk, capsys)
+    assert ticket["status"] == "open" and "refused" not in actions(ticket)
+    assert "下午两点以后" in body_of(last_to(smtp, "desk1@example.test"))
+    assert not [s for s in subjects_to(smtp, USER) if "未执行" in s]
+
+
+def test_still_broken_after_a_resolution_reopens_it_and_it_is_not_auto_closed(
+    desk, mailbox, smtp, clock, capsys
+):
+    report(desk, mailbox, clock, "三楼打印机卡纸", "打印机卡纸，无法打印。")
+    answer(desk, mailbox, clock, last_to(smtp, "desk1@example.test"), "desk1@example.test",
+           "已解决\n清理了进纸器。")
+    answer(desk, mailbox, clock, last_to(smtp, USER), USER,
+           "还是不行，打印机还是卡纸，请再看一下。" + SIGNATURE)
+    ticket = show(desk, capsys)
+    assert (ticket["status"], ticket["tier"]) == ("open", "L1")
+    reopened = next(e for e in ticket["events"] if e["action"] == "reopened")
+    assert reopened["detail"] == "还是不行，打印机还是卡纸，请再看一下。"
+    clock.advance(days=7)
+    assert sla_jobs.auto_close(desk, clock()).closed == []
+    assert show(desk, capsys)["status"] == "open"
+
+
+def test_a_reply_to_the_digest_naming_a_ticket_acts_on_it(desk, mailbox, smtp, clock, capsys):
+    report(desk, mailbox, clock, "三楼打印机卡纸", "打印机卡纸，无法打印。")
+    clock.advance(days=1)
+    digest.run_digests(desk, clock())
+    run_once(desk, clock)
+    todo = last_to(smtp, "desk1@example.test")
+    assert "INC-1" in body_of(todo) and "[INC-1]" not in str(parsed(todo)["Subject"])
+    answer(desk, mailbox, clock, todo, "desk1@example.test", "已解决\n清理了进纸器。",
+           subject="Re: [INC-1] 三楼打印机卡纸")
+    assert show(desk, capsys)["status"] == "resolved"
+    # Without a ticket in the subject a reply to the digest still belongs to no ticket.
+    answer(desk, mailbox, clock, todo, "desk1@example.test", "收到")
+    assert [t["ref"] for t in cli_json(desk, capsys, "tickets")] == ["INC-1"]
 
 
 # -- 5. problem management ---------------------------------------------------------------

@@ -116,9 +116,23 @@ def test_what_a_reply_means_in_context():
     assert incidents.interpret(ticket, Command("resolve", "", "已解决，谢谢"), user).action == (
         "confirm"
     )
-    assert incidents.interpret(ticket, Command("note", "x", "note: x"), user).action == "comment"
+    # Anything else from the requester but thanks says it is not solved.
+    assert incidents.interpret(ticket, Command("comment", "", "好的，谢谢"), user).action == (
+        "comment"
+    )
+    still = incidents.interpret(ticket, Command("comment", "", "还是不行"), user)
+    assert still is not None and (still.action, still.argument) == ("reopen", "还是不行")
     engineer = held(ticket, "desk1@example.test")
     assert incidents.interpret(ticket, Command("note", "x", "note: x"), engineer).action == "note"
+    ticket.status = "open"
+    assert incidents.interpret(ticket, Command("note", "x", "note: x"), user).action == "comment"
+    # A request's words are prose on an incident: "同意" from a user is no approval.
+    assert incidents.interpret(ticket, Command("approve", "", "同意"), user).action == "comment"
+    # Whatever the requester answers to a question is the answer, not a refused command.
+    ticket.status = "pending"
+    answered = incidents.interpret(ticket, Command("confirm", "", "确认：靠窗那台"), user)
+    assert answered is not None and answered.action == "comment"
+    assert incidents.interpret(ticket, Command("reopen", "", "重开"), user).action == "comment"
     ticket.status = "closed"
     assert incidents.interpret(ticket, Command("comment", "", "谢谢！"), user) is None
     assert incidents.interpret(ticket, Command("confirm", "", "确认"), user) is None
