@@ -113,7 +113,7 @@ def cmd_ingest(args: argparse.Namespace) -> int:
             print(f"{outcome.state} {ref}")
         else:
             print("already stored")
-    except (TemporaryFailure, OperationalError) as exc:
+    except (TemporaryFailure, DBAPIError) as exc:  # the MTA keeps the mail and retries
         print(f"mailflow: temporary failure, try again later: {_sentence(exc)}", file=sys.stderr)
         return EX_TEMPFAIL
     return 0
@@ -427,6 +427,9 @@ def main(argv: Sequence[str] | None = None) -> int:
     except OperationalError as exc:
         print(f"mailflow: database unavailable: {_sentence(exc)}", file=sys.stderr)
         return EX_TEMPFAIL
+    except DBAPIError as exc:  # e.g. a database file that is no database: retrying won't help
+        print(f"mailflow: database error: {_sentence(exc)}", file=sys.stderr)
+        return 1
     except OSError as exc:  # a file that cannot be read or written: no traceback
         print(f"mailflow: {_os_error(exc)}", file=sys.stderr)
         return 1

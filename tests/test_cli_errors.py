@@ -118,10 +118,13 @@ def test_an_os_error_in_any_command_is_one_sentence(tmp_path, capsys, monkeypatc
     assert one_sentence(err) == "mailflow: /srv/mailflow/var/export.csv: Permission denied"
 
 
+def sqlite_desk(tmp_path: Path) -> Path:
+    """A desk on SQLite whatever database the suite runs on: these tests are about its file."""
+    return desk_config(tmp_path, database_url=f"sqlite:///{tmp_path / 'mailflow.db'}")
+
+
 def test_ingest_on_a_locked_database_prints_the_driver_message_only(tmp_path, capsys, monkeypatch):
-    config = desk_config(tmp_path)
-    if not load_config(config).database_url.startswith("sqlite:///"):
-        pytest.fail("this test locks a SQLite database; run it on SQLite")
+    config = sqlite_desk(tmp_path)
     first, second = tmp_path / "1.eml", tmp_path / "2.eml"
     first.write_bytes(make_mail("a@example.test", "打印机卡纸", "卡纸"))
     second.write_bytes(make_mail("b@example.test", "显示器不亮", "黑屏"))
@@ -146,6 +149,20 @@ def test_ingest_on_a_locked_database_prints_the_driver_message_only(tmp_path, ca
     assert "database is locked" in line
     for noise in ("[SQL", "[parameters", "sqlalche.me", "INSERT"):
         assert noise not in err
+
+
+def test_a_file_that_is_no_database_is_one_sentence(tmp_path, capsys):
+    config = sqlite_desk(tmp_path)
+    (tmp_path / "mailflow.db").write_text("not a database, only text\n" * 100)
+    code, _, err = cli(config, capsys, "status")
+    assert code == 1
+    assert one_sentence(err) == "mailflow: database error: file is not a database"
+    # An MTA pipe keeps the mail and tries again once the operator has fixed it.
+    message = tmp_path / "1.eml"
+    message.write_bytes(make_mail("a@example.test", "打印机卡纸", "卡纸"))
+    code, _, err = cli(config, capsys, "ingest", str(message))
+    assert code == 75
+    assert "file is not a database" in one_sentence(err)
 
 
 # -- check ------------------------------------------------------------------------------------
