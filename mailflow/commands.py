@@ -112,8 +112,9 @@ def _signature_at(lines: list[str], signer: str) -> int | None:
     """Where a trailing signature starts (never at the first line), or None.
 
     A signature starts at a `-- ` line, a closing line ("此致", "Best regards,") or a line
-    naming the sender, when what follows is short. Without either, a last paragraph of short
-    lines that starts with a name and gives a phone number or an address is one too.
+    naming the sender, when what follows is short. Without either, a last paragraph of a
+    few short lines with no sentence in them, the first a name's length, that gives a phone
+    number or an address is one too.
     """
     names = _names(signer)
     for i in range(1, len(lines)):
