@@ -1,8 +1,9 @@
 """The service-request form (seed §4.2 step 2), read from `key: value` lines of a mail.
 
 Keys may be written in Chinese or English (`申请类型：账号` or `Request type: account`),
-with full-width or ASCII colons, optionally behind a list marker (`1.`, `-`, `•`). Field
-names (used in `[requests.required_fields]`):
+with full-width or ASCII colons, optionally behind a list marker (`1.`, `-`, `•`), or as
+the two cells of a table row pasted from Word. Values are kept as written. Field names
+(used in `[requests.required_fields]`):
 
   request_type        申请类型 / request type
   line_type           行类型 / line type
@@ -100,9 +101,11 @@ TYPE_WORDS: dict[str, str] = {
     "其他": "other", "其它": "other", "other": "other",
 }
 
+# `key: value`, behind an optional list marker; a table pasted from Word arrives as
+# `key| value` or `key：| value` (cells joined by `|`, see mail.html_to_text).
 _LINE = re.compile(
-    r"^\s*(?:[-*•·]\s*|\d{1,2}[.)、]\s*|[（(]\d{1,2}[)）]\s*)?"
-    r"(?P<key>[^:：\n]{1,24}?)\s*[:：]\s*(?P<value>.*?)\s*$"
+    r"^\s*\|?\s*(?:[-*•·]\s*|\d{1,2}[.)、]\s*|[（(]\d{1,2}[)）]\s*)?"
+    r"(?P<key>[^:：|\n]{1,24}?)\s*(?:[:：]\s*\|?|\|)\s*(?P<value>.*?)\s*\|?\s*$"
 )
 REF = re.compile(r"\b(INC|REQ|CHG|IR)\s*-\s*(\d{1,9})\b", re.IGNORECASE)
 
@@ -127,23 +130,48 @@ def refs_in(text: str) -> list[str]:
     return list(dict.fromkeys(found))
 
 
-def parse(text: str) -> Form:
-    """The form fields in `text`; an empty value never counts (a blank template line)."""
+def _field(line: str) -> tuple[str, str] | None:
+    """(field name, value) of a form line; the value as written (full-width kept)."""
+    for candidate in (line, unicodedata.normalize("NFKC", line)):  # e.g. "１．申请类型"
+        match = _LINE.match(candidate)
+        name = _key(match.group("key")) if match else None
+        if match is not None and name is not None:
+            return name, match.group("value").strip()
+    return None
+
+
+def parse(text: str, fallback: str = "") -> Form:
+    """The form fields in `text`; an empty value never counts (a blank template line).
+
+    A reason goes on over the lines that follow it up to a blank line or the next field
+    (mail clients wrap long lines). Fields found only in `fallback` (the mail a request
+    was forwarded from) fill the gaps.
+    """
     form = Form()
     prose: list[str] = []
+    wrapping = False  # the lines that follow belong to the reason just read
     for line in (text or "").splitlines():
-        match = _LINE.match(unicodedata.normalize("NFKC", line))
-        name = _key(match.group("key")) if match else None
-        if name is None or match is None:
-            prose.append(line)
+        found = _field(line)
+        if found is None:
+            if wrapping and line.strip():
+                form.fields["reason"] += "\n" + line.strip()
+            else:
+                wrapping = False
+                prose.append(line)
             continue
-        value = match.group("value").strip()
+        name, value = found
+        wrapping = name == "reason" and bool(value)
         if not value:
             continue
         if name == "related":
             form.links.extend(r for r in refs_in(value) if r not in form.links)
         form.fields[name] = value if name not in form.fields else form.fields[name] + "; " + value
     form.prose = "\n".join(prose).strip()
+    if fallback and fallback != text:
+        earlier = parse(fallback)
+        for name, value in earlier.fields.items():
+            form.fields.setdefault(name, value)
+        form.links.extend(r for r in earlier.links if r not in form.links)
     return form
 
 

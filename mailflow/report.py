@@ -429,19 +429,31 @@ def _schedule(desk: Desk, kind: str) -> tuple[int, time] | None:
     return monthly_schedule(settings.monthly_report)
 
 
-def report_due(desk: Desk, kind: str, now: datetime) -> bool:
-    """Whether this week's (month's) report time has come, in the desk's time zone."""
+def due_period(desk: Desk, kind: str, now: datetime) -> tuple[date, date] | None:
+    """The period of the report whose time came last, at or before `now` (desk time): the
+    last full week (month) before that day; None when the report is off.
+
+    A daemon that was down at that time sends it when it comes back, even after the week
+    (month) has turned ("sun 18:00", "28 09:00"), once a report of this kind has been
+    sent before: a new desk does not start with a report of a time before it ran.
+    """
     schedule = _schedule(desk, kind)
     if schedule is None:
-        return False
+        return None
     day, at = schedule
     local = now.astimezone(desk.settings.desk.tz)
     today = local.date()
     if kind == "weekly":
         scheduled = today - timedelta(days=today.weekday()) + timedelta(days=day)
+        earlier = scheduled - timedelta(days=7)
     else:
         scheduled = today.replace(day=day)
-    return (local.date(), local.time()) >= (scheduled, at)
+        earlier = _add_months(scheduled, -1)
+    if (today, local.time()) >= (scheduled, at):
+        return last_period(kind, scheduled)
+    if _ever_sent(desk, f"report-{kind}"):
+        return last_period(kind, earlier)
+    return None
 
 
 def recipients(desk: Desk) -> list[str]:
@@ -460,10 +472,15 @@ def attachments(data: dict[str, Any]) -> list[tuple[str, str, bytes]]:
 
 
 def send_report(desk: Desk, kind: str, now: datetime, *, force: bool = False) -> list[str]:
-    """Mail the last full week's or month's report once per recipient; returns who got it."""
-    if not force and not report_due(desk, kind, now):
+    """Mail the due week's or month's report once per recipient; returns who got it.
+    `force`: the last full week or month before today, whatever the schedule."""
+    if force:
+        period = last_period(kind, now.astimezone(desk.settings.desk.tz).date())
+    else:
+        period = due_period(desk, kind, now)
+    if period is None:
         return []
-    since, until = last_period(kind, now.astimezone(desk.settings.desk.tz).date())
+    since, until = period
     job = f"report-{kind}"
     todo = [a for a in recipients(desk) if not _claimed(desk, job, f"{since}:{a}")]
     if not todo:
@@ -479,6 +496,11 @@ def send_report(desk: Desk, kind: str, now: datetime, *, force: bool = False) ->
             sent.append(address)
     log.info("%s report %s..%s sent to %s", kind, since, until, ", ".join(sent) or "nobody")
     return sent
+
+
+def _ever_sent(desk: Desk, job: str) -> bool:
+    with desk.db.sessions() as session:
+        return session.scalar(select(JobRun.key).where(JobRun.job == job).limit(1)) is not None
 
 
 def _claimed(desk: Desk, job: str, key: str) -> bool:

@@ -51,15 +51,15 @@ def required(desk: Desk, ticket: Ticket) -> tuple[str, ...]:
 
 def take_form(
     session: Session, desk: Desk, ticket: Ticket, text: str, actor: str, now: datetime,
-    *, reply: bool = False,
+    *, reply: bool = False, quoted: str = "",
 ) -> list[str]:
     """Read form fields from `text` into the ticket; returns the fields now given.
 
     With no `reason` field, the mail's own words are the reason: those of the request
     mail, or of a reply that gives no field at all (a reply filling in fields may carry
-    a greeting, which is no reason).
+    a greeting, which is no reason). Fields only in `quoted` (a forwarded request) count.
     """
-    form = forms.parse(text)
+    form = forms.parse(text, quoted)
     stored = dict(ticket.form or {})
     merged = forms.merge(stored, form)
     prose_counts = not reply or not form.fields
@@ -100,7 +100,9 @@ def on_new(
     session: Session, desk: Desk, ticket: Ticket, mail: ParsedMail, inbound: Inbound, now: datetime
 ) -> None:
     """Read the form; ask once for what is missing, else send it for approval."""
-    take_form(session, desk, ticket, mail.new_text or mail.text, mail.from_addr, now)
+    take_form(
+        session, desk, ticket, mail.new_text or mail.text, mail.from_addr, now, quoted=mail.text
+    )
     missing = forms.missing(ticket.form or {}, required(desk, ticket))
     if missing:
         _set_status(session, ticket, "pending", "mailflow", now, "form incomplete")
@@ -115,12 +117,12 @@ def on_reply(
     """A decision, the requester's missing fields, or a command through the REQUEST table."""
     sender = mail.from_addr
     cmd = commands.parse(mail.new_text, mail.from_name)
+    held = lifecycle.roles_on(ticket, sender, desk.settings.roles)
+    if _answers_the_form(ticket, cmd, held, mail):
+        _answer(session, desk, ticket, mail, now)
+        return
     if cmd.action in ("approve", "reject"):
         decide(session, desk, ticket, mail, cmd, now)
-        return
-    held = lifecycle.roles_on(ticket, sender, desk.settings.roles)
-    if cmd.action == "comment" and ticket.status == "pending" and "requester" in held:
-        _answer(session, desk, ticket, mail, now)
         return
     why = lifecycle.check(ticket, cmd.action, held)
     if why is not None:
@@ -130,6 +132,19 @@ def on_reply(
     target = lifecycle.REQUEST[cmd.action].to
     if target:
         _set_status(session, ticket, target, sender, now)
+
+
+def _answers_the_form(
+    ticket: Ticket, cmd: Command, held: frozenset[str], mail: ParsedMail
+) -> bool:
+    """While fields are missing, what the requester writes is the answer ("同意，补充如下："
+    is no approval: nothing awaits one yet), and the service desk, which makes out the
+    form (seed §4.2 step 2), may fill fields in for them."""
+    if ticket.status != "pending":
+        return False
+    if cmd.action != "comment" and lifecycle.check(ticket, cmd.action, held) is None:
+        return False  # a command that applies now (e.g. the desk's internal note)
+    return "requester" in held or ("desk" in held and bool(forms.parse(mail.new_text).fields))
 
 
 def _answer(

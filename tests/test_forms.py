@@ -24,7 +24,7 @@ def test_chinese_fields_with_full_width_colons_and_list_markers():
         "reason": "出差使用",
         "receiving_location": "三号仓库",
         "consignee_location": "B座3楼",
-        "related": "INC-12,关联 inc - 15",
+        "related": "INC-12，关联 inc - 15",  # values as written: full-width kept
     }
     assert form.links == ["INC-12", "INC-15"]
     assert form.prose == "您好，申请一台笔记本电脑。\n谢谢！"
@@ -88,3 +88,22 @@ def test_every_field_has_a_label_and_fill_in_keys_parse_back():
         assert name in forms.LABELS
         for key in (forms.FILL_IN[name], forms.FILL_IN_EN[name]):
             assert forms.parse(f"{key}：x").fields == {name: "x"}
+
+
+def test_a_word_table_a_wrapped_reason_and_a_forwarded_form():
+    # html_to_text writes a table's cells joined by "|", with or without the label's colon.
+    form = forms.parse("申请类型：| 硬件\n项类型 | 显示器\n| 收货地点 | 三号仓库 |\n说明 | 无")
+    assert form.fields == {
+        "request_type": "硬件", "item_type": "显示器", "receiving_location": "三号仓库"
+    }
+    assert form.prose == "说明 | 无"
+    # A reason goes on over the lines a mail client wrapped, up to a blank line or a field.
+    form = forms.parse(
+        "申请原因：因新员工入职，需要开通\n营销系统业扩模块查询权限。\n收货地点：三号仓库\n\n谢谢"
+    )
+    assert form.fields["reason"] == "因新员工入职，需要开通\n营销系统业扩模块查询权限。"
+    assert form.prose == "谢谢"
+    # Fields only in the forwarded mail fill the gaps; the new text's own fields win.
+    form = forms.parse("请帮忙办理。\n收货地点：二号仓库", "申请类型：硬件\n收货地点：三号仓库")
+    assert form.fields == {"receiving_location": "二号仓库", "request_type": "硬件"}
+    assert form.prose == "请帮忙办理。"

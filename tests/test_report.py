@@ -372,6 +372,34 @@ def test_report_mail_once_per_period_across_restarts_and_two_daemons(tmp_path):
         d.close()
 
 
+def test_a_report_missed_while_down_is_sent_after_the_week_or_month_turned(tmp_path):
+    desk = scenario_desk(
+        tmp_path, digest={"weekly_report": "sun 18:00", "monthly_report": "28 09:00"}
+    )
+    october(desk)
+    # A new desk does not start with a report of a time before it ran.
+    assert report.send_report(desk, "weekly", local("2026-10-12 08:00")) == []
+    assert set(report.send_report(desk, "weekly", local("2026-10-18 18:00"))) == REVIEW
+    # Down at Sun 10-25 18:00, back on Monday: the week of 10-12 goes then, not never.
+    assert set(report.send_report(desk, "weekly", local("2026-10-26 08:00"))) == REVIEW
+    assert report.send_report(desk, "weekly", local("2026-10-27 08:00")) == []  # once
+    assert set(report.send_report(desk, "weekly", local("2026-11-01 18:00"))) == REVIEW
+    assert set(report.send_report(desk, "monthly", local("2026-09-28 09:00"))) == REVIEW
+    # Down on 10-28, back in November: September's report still goes.
+    assert set(report.send_report(desk, "monthly", local("2026-11-02 08:00"))) == REVIEW
+    with desk.db.sessions() as session:
+        subjects = {r.subject for r in session.scalars(
+            select(Outbox).where(Outbox.template == "report", Outbox.recipient == "im@example.test")
+        )}
+    weeks = ["2026-10-05 至 2026-10-11", "2026-10-12 至 2026-10-18", "2026-10-19 至 2026-10-25"]
+    months = ["2026-08-01 至 2026-08-31", "2026-09-01 至 2026-09-30"]
+    assert sorted(p for p in weeks + months if any(p in s for s in subjects)) == sorted(
+        weeks + months
+    )
+    assert len(subjects) == 5
+    desk.close()
+
+
 def test_disabled_report_sends_nothing(tmp_path):
     desk = scenario_desk(tmp_path, digest={"weekly_report": "off", "monthly_report": "off"})
     assert report.send_report(desk, "weekly", local("2026-11-02 12:00")) == []

@@ -4,6 +4,8 @@ form → approval (one step or a chain) → execution → confirmation."""
 from __future__ import annotations
 
 import json
+from email.message import EmailMessage
+from email.policy import SMTP
 
 import pytest
 from support import body_of, make_desk, make_mail, parsed, reply, run_once
@@ -190,6 +192,60 @@ def test_missing_fields_are_asked_for_once_then_supplied(strict_desk, mailbox, s
     assert "B座3楼 302室" in body_of(approval) and "三号仓库" in body_of(approval)
     missing = [e for e in ticket["events"] if e["action"] == "form_incomplete"]
     assert len(missing) == 2
+
+
+def test_answers_to_the_form_as_people_write_them(strict_desk, mailbox, smtp, clock, capsys):
+    desk = strict_desk
+    mailbox.append(make_mail(REQUESTER, "申请一台笔记本电脑",
+                             "因出差需要申请一台笔记本电脑。\n项类型：笔记本电脑"))
+    run_once(desk, clock)
+    [ask] = [m.content for m in sent_to(smtp, REQUESTER)]
+    # "同意" starts the answer: no approval is awaited yet, so it is no decision.
+    mailbox.append(answer(ask, REQUESTER, "同意，信息补充如下：\n收货地点：三号仓库"))
+    run_once(desk, clock)
+    ticket = show(desk, capsys)
+    assert (ticket["status"], ticket["form"]["receiving_location"]) == ("pending", "三号仓库")
+    assert sent_to(smtp, APPROVER) == []
+    assert "approval_refused" not in [e["action"] for e in ticket["events"]]
+    # The service desk makes out the form (seed §4.2 step 2): it may fill a field in.
+    again = [m.content for m in sent_to(smtp, REQUESTER)][-1]
+    mailbox.append(answer(again, "desk1@example.test", "收货人位置：B座3楼"))
+    run_once(desk, clock)
+    ticket = show(desk, capsys)
+    assert (ticket["status"], ticket["form"]["consignee_location"]) == (
+        "pending_approval", "B座3楼"
+    )
+    assert len(sent_to(smtp, APPROVER)) == 1
+
+
+def test_a_forwarded_request_and_a_form_in_a_word_table(strict_desk, mailbox, smtp, clock,
+                                                        capsys):
+    desk = strict_desk
+    forwarded = (
+        "请帮忙办理，谢谢。\n\n-----原始邮件-----\n发件人: 李四 <li.si@example.test>\n"
+        "发送时间: 2026年11月23日 9:00\n主题: 申请领用笔记本电脑\n\n申请类型：硬件\n"
+        "项类型：笔记本电脑\n申请原因：新员工入职使用\n收货地点：三号仓库\n收货人位置：B座3楼\n"
+    )
+    mailbox.append(make_mail(REQUESTER, "转发: 申请领用笔记本电脑", forwarded))
+    rows = [("申请类型", "硬件"), ("项类型", "显示器"), ("申请原因", "双屏办公"),
+            ("收货地点", "三号仓库"), ("收货人位置", "B座5楼")]
+    table = "".join(f"<tr><td><p class=MsoNormal>{k}：</p></td><td><p class=MsoNormal>{v}</p>"
+                    "</td></tr>" for k, v in rows)
+    word = EmailMessage(policy=SMTP)
+    word["From"], word["To"], word["Subject"] = REQUESTER, "itsm@example.test", "申请领用显示器"
+    word["Message-ID"] = "<word-table@example.test>"
+    word.set_content(f"<html><body><p>您好：</p><table border=1>{table}</table></body></html>",
+                     subtype="html")
+    mailbox.append(word.as_bytes())
+    run_once(desk, clock)
+    forwarded_ticket, word_ticket = show(desk, capsys, "REQ-1"), show(desk, capsys, "REQ-2")
+    assert forwarded_ticket["status"] == word_ticket["status"] == "pending_approval"
+    assert forwarded_ticket["form"]["reason"] == "新员工入职使用"
+    assert forwarded_ticket["form"]["item_type"] == "笔记本电脑"
+    assert word_ticket["form"]["receiving_location"] == "三号仓库"
+    assert word_ticket["form"]["reason"] == "双屏办公"
+    approvals = [body_of(m.content) for m in sent_to(smtp, APPROVER)]
+    assert len(approvals) == 2 and not any("|" in text for text in approvals)
 
 
 def test_english_form_and_the_form_type_routes(tmp_path, mailbox, smtp, clock, capsys):

@@ -57,6 +57,15 @@ CASES: list[tuple[str, str, tuple[str, str, str, str, str | None, bool, bool]]] 
      ("20-security", INC, "security", "P2", "L1", False, False)),
     ("Suspicious email - phishing?", "I received an email asking me to verify my password.",
      ("20-security", INC, "security", "P2", "L1", False, False)),
+    # faults whose writer asks for handling (申请处理, 申请报修) are still incidents
+    ("收不到外部邮件", "从昨天开始收不到外部邮件，内部邮件正常，申请处理。",
+     ("55-email", INC, "email", "P3", "L1", False, False)),
+    ("VPN连接超时", "在家连接VPN提示超时，申请处理一下。",
+     ("65-network", INC, "network", "P3", "L1", False, False)),
+    ("打印机打印不出来", "三楼打印机打印不出来，申请处理。",
+     ("60-printer", INC, "printer", "P4", "L1", False, True)),
+    ("电脑没有声音", "我的电脑开机没有声音，申请报修。",
+     ("80-desktop", INC, "desktop", "P3", "L1", False, True)),
     # service requests
     ("申请开通VPN账号", "因出差需要，申请开通VPN账号，谢谢。",
      ("30-request-network-access", REQ, "network-access", "P4", None, False, False)),
