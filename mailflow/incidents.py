@@ -420,6 +420,15 @@ def _priority(session, desk, ticket, sender, cmd, held, now) -> None:
     old = ticket.priority
     ticket.priority = cmd.argument
     refresh_due(session, desk, ticket, now)
+    # The new target re-plans the incident: a warning or breach the new target has not
+    # reached yet is to come (once), as if the incident had had this priority all along.
+    target = desk.target(ticket.priority).resolve
+    cal = desk.calendar(ticket.priority)
+    used = sla.fraction_used(cal, ticket.created_at, now, target, pauses(session, ticket))
+    if used < desk.settings.sla.warn_at:
+        ticket.sla_warned_at = None
+    if used < 1.0:
+        ticket.sla_breached_at = None
     if ticket.responded_at is None:
         ticket.response_due_at = desk.due(ticket.priority, ticket.created_at, "response")
     record(

@@ -10,7 +10,9 @@ answer, with a notice to the requester.
 Each step happens once, also across restarts and several daemons: it is claimed by a
 conditional UPDATE (`… WHERE sla_warned_at IS NULL`, `… WHERE status = 'resolved'`) as the
 first statement of the transaction that also records the event and queues the mail, so the
-claim, the event and the mail commit together or not at all.
+claim, the event and the mail commit together or not at all. A new priority re-plans the
+incident (incidents._priority): a warning or breach its new target has not reached yet is
+to come again, once.
 """
 
 from __future__ import annotations

@@ -13,6 +13,7 @@ import threading
 from datetime import UTC, datetime
 
 from apscheduler.triggers.interval import IntervalTrigger
+from scenarios import local, scenario_desk, send
 from support import Clock, body_of, make_desk, make_mail, parsed, reply, run_once
 from test_sla import _brute_due, _brute_minutes
 
@@ -326,3 +327,21 @@ def test_pauses_come_from_the_status_events_and_due_at_matches_a_minute_count(de
         assert ticket.due_at == _brute_due(cal, opened, 16 * 60, closed)
         used = 60 * _brute_minutes(cal, opened, now, closed)
         assert sla.elapsed(cal, opened, now, paused) == used
+
+
+def test_a_new_priority_re_plans_the_warning_and_the_breach(tmp_path):
+    """P2 (8 h, 24x7) warned at 75%, then lowered to P3 (16 business hours): the incident is
+    judged as if it had been P3 all along, so P3's warning and breach are still to come."""
+    desk = scenario_desk(tmp_path)
+    send(desk, "2026-11-02 09:00", "u1@example.test", "邮件发不出去", "发送时报错")  # P2
+    assert sla_jobs.scan(desk, local("2026-11-02 15:01")).warned == ["INC-1"]  # 6 h of 8
+    send(desk, "2026-11-02 15:30", "desk1@example.test", "Re: [INC-1] 邮件发不出去",
+         "优先级 P3")
+    # P3 counts working hours only (08:30-12:00, 13:30-17:30): 5 h used by then, 31%.
+    # 75% (12 h) comes on Tuesday at 15:00, 100% (16 h) on Wednesday at 10:00.
+    assert sla_jobs.scan(desk, local("2026-11-02 17:00")).warned == []
+    assert sla_jobs.scan(desk, local("2026-11-03 14:59")).warned == []
+    assert sla_jobs.scan(desk, local("2026-11-03 15:00")).warned == ["INC-1"]
+    assert sla_jobs.scan(desk, local("2026-11-04 09:59")).breached == []
+    assert sla_jobs.scan(desk, local("2026-11-04 10:00")).breached == ["INC-1"]
+    desk.close()
