@@ -159,8 +159,12 @@ async def relay(db: Database, cfg: SmtpConfig, clock: Callable[[], datetime]) ->
                 if row is None:
                     continue
                 error, permanent = None, False
+                # An address beyond ASCII (RFC 6531, e.g. 张三@…) needs SMTPUTF8.
+                utf8 = [] if f"{row.sender}{row.recipient}".isascii() else ["SMTPUTF8"]
                 try:
-                    await smtp.sendmail(row.sender, [row.recipient], row.raw)
+                    await smtp.sendmail(row.sender, [row.recipient], row.raw, mail_options=utf8)
+                except aiosmtplib.SMTPNotSupported as exc:  # no SMTPUTF8: this one cannot go
+                    permanent, error = True, f"{exc} (needed for {row.recipient})"
                 except aiosmtplib.SMTPRecipientsRefused as exc:
                     refusal = exc.recipients[0] if exc.recipients else None
                     permanent = refusal is not None and refusal.code >= 500

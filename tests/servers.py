@@ -368,9 +368,10 @@ class _Handler:
 class SmtpSink:
     """An aiosmtpd server recording every envelope, with scripted failures."""
 
-    def __init__(self, host: str = LOOPBACK) -> None:
+    def __init__(self, host: str = LOOPBACK, smtputf8: bool = True) -> None:
         self.host = host
         self.port = 0
+        self.smtputf8 = smtputf8  # offer SMTPUTF8 (RFC 6531: non-ASCII addresses)
         self.messages: list[Received] = []
         self._lock = threading.Lock()
         self._arrived = threading.Condition(self._lock)
@@ -397,7 +398,7 @@ class SmtpSink:
         """Start listening on `port`, or on a free loopback port (a restart keeps the port)."""
         self.port = port or self.port or free_port(self.host)
         self._controller = Controller(
-            _Handler(self), hostname=self.host, port=self.port, enable_SMTPUTF8=True
+            _Handler(self), hostname=self.host, port=self.port, enable_SMTPUTF8=self.smtputf8
         )
         self._controller.start()
 

@@ -6,16 +6,20 @@ import json
 import shutil
 import subprocess
 import sys
+from datetime import UTC, datetime
 from email import message_from_bytes
 from email.header import decode_header, make_header
 from pathlib import Path
 
 import pytest
 from servers import SmtpSink
+from sqlalchemy import select
 from support import REPO, desk_config, make_desk, make_mail, run_once, write_config
 
-from mailflow import incidents
+from mailflow import incidents, intake
 from mailflow.cli import main
+from mailflow.daemon import Daemon
+from mailflow.models import Outbox
 from mailflow.rules import RuleSet
 
 FIXTURES = Path(__file__).parent / "fixtures" / "mail"
@@ -70,6 +74,36 @@ def three_mails_the_second_poisoned(desk, mailbox, clock, capsys) -> list[dict]:
         mailbox.append(make_mail("user@example.test", subject, "详见主题"))
     assert run_once(desk, clock).processed == 3
     return json.loads(cli(desk.settings.path, capsys, "tickets", "--json")[1])
+
+
+@pytest.mark.parametrize("smtputf8", [True, False])
+def test_a_non_ascii_address_goes_with_smtputf8_or_is_dead_lettered_alone(tmp_path, smtputf8):
+    """A requester writing from 张三@… (RFC 6531) is answered when the server offers
+    SMTPUTF8; else that one mail is dead-lettered with the reason and the rest go out."""
+    sink = SmtpSink(smtputf8=smtputf8)
+    sink.start()
+    desk = make_desk(tmp_path, smtp=sink)
+    try:
+        raw = make_mail("x@example.test", "打印机坏了", "三楼打印机卡纸")
+        raw = raw.replace(b"From: x@example.test", "From: 张三 <张三@example.test>".encode())
+        now = datetime(2026, 11, 24, 2, 0, tzinfo=UTC)
+        intake.ingest_bytes(desk, raw, now)
+        result = Daemon(desk, lambda: now).run_once()
+        assert result.processed == 1
+        to = {address for m in sink.messages for address in m.rcpt_tos}
+        assert {"desk1@example.test", "desk2@example.test"} <= to
+        with desk.db.sessions() as session:
+            ack = session.scalars(select(Outbox).where(Outbox.template == "ack")).one()
+        assert ack.recipient == "张三@example.test"
+        if smtputf8:
+            assert (ack.state, result.relay.sent) == ("sent", 3)
+            assert "张三@example.test" in to
+        else:
+            assert (ack.state, result.relay.dead) == ("dead", 1)
+            assert "SMTPUTF8" in ack.last_error and "张三@example.test" not in to
+    finally:
+        desk.close()
+        sink.stop()
 
 
 def test_a_poison_message_is_quarantined_and_the_rest_go_through(
