@@ -151,6 +151,14 @@ def essential_lines(text: str, signer: str = "") -> list[str]:
     return lines
 
 
+def _after(line: str, n: int) -> str:
+    """What follows, in `line` as written, the first `n` characters of its NFKC form."""
+    for k in range(len(line) + 1):
+        if len(unicodedata.normalize("NFKC", line[:k]).lstrip()) >= n:
+            return line[k:]
+    return ""
+
+
 def parse(new_text: str, signer: str = "") -> Command:
     """Read the command from the first line of the new text after any greeting; `signer` is
     the sender's display name, which marks where a signature starts."""
@@ -181,7 +189,9 @@ def parse(new_text: str, signer: str = "") -> Command:
         elif action in (
             "reject", "note", "resolve", "pending", "reopen", "done", "problem", "escalate"
         ):
+            # Text goes to people as written: full-width punctuation, a closing "！".
+            argument = _after(lines[0].strip(), len(word)).lstrip(_SEPARATORS + "\u3000")
             remaining = "\n".join(lines[1:]).strip()
-            argument = "\n".join(p for p in (argument, remaining) if p)
+            argument = "\n".join(p for p in (argument.rstrip(), remaining) if p)
         return Command(action, argument, text, said)
     return Command("comment", "", text, said)

@@ -47,6 +47,11 @@ FIXTURES = Path(__file__).parent / "fixtures" / "mail"
         ("problem", "problem", ""),
         ("内部：怀疑是驱动问题", "note", "怀疑是驱动问题"),
         ("note: same model as last week", "note", "same model as last week"),
+        # The text of a command reaches people as written (full width, a closing "！").
+        ("待用户 请问是哪台电脑？资产编号（贴在机箱上）是多少，型号：ThinkPad", "pending",
+         "请问是哪台电脑？资产编号（贴在机箱上）是多少，型号：ThinkPad"),
+        ("已解决　重装了网卡驱动（版本１０.２），请重启后再试！", "resolve",
+         "重装了网卡驱动（版本１０.２），请重启后再试！"),
     ],
 )
 def test_commands_in_both_languages(text, action, argument):
