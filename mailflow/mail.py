@@ -10,6 +10,7 @@ from __future__ import annotations
 import binascii
 import codecs
 import email
+import email.errors
 import email.message
 import email.policy
 import email.utils
@@ -94,6 +95,7 @@ class ParsedMail:
 # --------------------------------------------------------------------------- charsets
 
 MESSAGE_ID_LIMIT = 490  # characters kept of a Message-ID (the columns hold 500)
+NAME_LIMIT = 300  # characters kept of a display name (the columns hold 300)
 
 _CHARSET_ALIASES = {
     "gb2312": "gb18030",
@@ -151,8 +153,13 @@ def _codec_for(label: str | None) -> str | None:
 
 
 def _looks_gbk(data: bytes) -> bool:
-    """True when the high bytes of ``data`` pair up like GB2312/GBK double-byte text."""
-    pairs = odd = 0
+    """True when the high bytes of ``data`` pair up like GB2312/GBK double-byte text.
+
+    Chinese text is mostly GB2312's 3,755 common characters (lead byte B0–D7): at least
+    half of the pairs must be those, so Latin-1 "Grüße" or "Solicitação", whose accented
+    letters happen to pair up, keeps its label.
+    """
+    pairs = odd = common = 0
     i, n = 0, len(data)
     while i < n:
         b = data[i]
@@ -163,12 +170,13 @@ def _looks_gbk(data: bytes) -> bool:
             t = data[i + 1]
             if t >= 0x80:
                 pairs += 1
+                common += 0xB0 <= b <= 0xD7 and t >= 0xA1
             else:
                 odd += 1
             i += 2
         else:
             return False
-    return pairs > 0 and odd * 5 <= pairs
+    return pairs > 0 and odd * 5 <= pairs and common * 2 >= pairs
 
 
 def decode_bytes(data: bytes, charset: str | None = None,
@@ -179,6 +187,8 @@ def decode_bytes(data: bytes, charset: str | None = None,
     """
     if not data:
         return ""
+    if data.startswith(codecs.BOM_UTF8):  # a signature, not text: the data is UTF-8
+        data, charset = data[len(codecs.BOM_UTF8) :], "utf-8"
     codec = _codec_for(charset) if charset else None
     if charset and codec is None and defects is not None:
         note = f"unknown charset {charset.strip()[:40]!r}"
@@ -492,7 +502,15 @@ def _human_size(size: int) -> str:
 
 
 def _param(part: email.message.Message, name: str, header: str = "content-type") -> str:
-    """A decoded (RFC 2231 or RFC 2047) Content-Type/Content-Disposition parameter."""
+    """A decoded (RFC 2231 or RFC 2047, or raw 8-bit) Content-Type/Content-Disposition
+    parameter."""
+    raw = next((v for k, v in part.raw_items() if k.lower() == header), None)
+    if isinstance(raw, str) and not raw.isascii():
+        # Raw 8-bit bytes (e.g. filename="故障截图.png" in UTF-8 or GBK): get_param would
+        # turn them into U+FFFD, so they are decoded first, as other raw headers are.
+        holder = email.message.Message()
+        holder[header] = _fix_raw(raw)
+        part = holder
     try:
         val = part.get_param(name, None, header=header)
     except Exception:
@@ -516,6 +534,11 @@ def _decoded_payload(part: email.message.Message) -> bytes:
     except Exception:  # broken transfer encoding
         data = None
     if isinstance(data, bytes):
+        payload = part.get_payload()
+        if isinstance(payload, str) and any(
+            isinstance(d, email.errors.InvalidBase64LengthDefect) for d in part.defects
+        ):  # the stdlib hands such base64 back undecoded: decode what there is
+            return _b64(payload)
         return data
     payload = part.get_payload()
     if isinstance(payload, str):
@@ -742,6 +765,7 @@ def _fill(mail: ParsedMail, data: bytes, max_bytes: int, max_count: int, max_cha
     from_pairs = _addresses(every.get("from", []))
     if from_pairs:
         mail.from_name, mail.from_addr = from_pairs[0]
+        mail.from_name = mail.from_name[:NAME_LIMIT]
     mail.reply_to = [a for _, a in _addresses(every.get("reply-to", []))]
     mail.to = [a for _, a in _addresses(every.get("to", []))]
     mail.cc = [a for _, a in _addresses(every.get("cc", []))]

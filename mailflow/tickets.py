@@ -108,7 +108,8 @@ def open_ticket(
         requester=mail.from_addr,
         requester_name=mail.from_name or None,
         subject=mail.subject or "(无主题)",
-        description=mail.new_text or mail.text,
+        # All the mail says: a forwarded report's fault is in the part quoted below.
+        description=mail.text or mail.new_text,
         created_at=now,
         updated_at=now,
     )

@@ -554,6 +554,16 @@ def test_still_broken_after_a_resolution_reopens_it_and_it_is_not_auto_closed(
     assert show(desk, capsys)["status"] == "open"
 
 
+def test_a_forwarded_report_keeps_what_it_forwards(desk, mailbox, smtp, clock, capsys):
+    body = ("请处理，谢谢\n\n-----原始邮件-----\n发件人: monitor@vendor.test\n"
+            "发送时间: 2026年11月24日 09:00\n主题: 告警\n\n营销系统全部用户无法登录，业务中断。\n")
+    report(desk, mailbox, clock, "FW: 营销系统告警", body)
+    assert show(desk, capsys)["major"]
+    with desk.db.sessions() as session:
+        assert "全部用户无法登录" in session.query(Ticket.description).scalar()
+    assert "全部用户无法登录" in body_of(last_to(smtp, "l2@example.test"))
+
+
 def test_a_reply_to_the_digest_naming_a_ticket_acts_on_it(desk, mailbox, smtp, clock, capsys):
     report(desk, mailbox, clock, "三楼打印机卡纸", "打印机卡纸，无法打印。")
     clock.advance(days=1)

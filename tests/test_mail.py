@@ -9,9 +9,12 @@ from pathlib import Path
 import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
+from support import make_mail
 
 from mailflow.mail import (
+    NAME_LIMIT,
     ParsedMail,
+    decode_bytes,
     decode_header_value,
     parse,
     strip_quoted,
@@ -331,3 +334,45 @@ def test_parse_never_raises_on_mutated_fixtures(raw: bytes) -> None:
     m = parse(raw)
     assert isinstance(m, ParsedMail) and m.message_id
     assert isinstance(m.text, str) and isinstance(m.new_text, str)
+
+
+# -- what real senders do: Latin-1 that pairs up, a BOM, short base64, raw 8-bit names ---
+
+
+def test_latin1_labelled_as_such_keeps_its_label_when_accented_letters_pair_up():
+    for text in ("Mit freundlichen Grüßen", "Solicitação de instalação"):
+        assert decode_bytes(text.encode("latin-1"), "iso-8859-1") == text
+    assert decode_header_value("=?iso-8859-1?q?Gr=FC=DFe?=") == "Grüße"
+    # GBK mislabelled as Latin-1 (old Chinese clients) is still read as Chinese.
+    chinese = "打印机卡纸，无法打印"
+    assert decode_bytes(chinese.encode("gbk"), "iso-8859-1") == chinese
+
+
+def test_a_utf8_byte_order_mark_is_no_text():
+    raw = (b"From: a@example.test\r\nSubject: x\r\nContent-Type: text/plain; charset=utf-8"
+           b"\r\n\r\n\xef\xbb\xbf\xe5\xb7\xb2\xe8\xa7\xa3\xe5\x86\xb3\r\n")
+    assert parse(raw).new_text == "已解决"
+    assert decode_bytes(b"\xef\xbb\xbfresolve", None) == "resolve"
+
+
+def test_base64_one_character_past_a_group_is_decoded_not_kept_as_base64():
+    body = base64.b64encode("打印机坏了，请尽快处理。谢谢！".encode("gbk")).decode()
+    raw = ("From: u@example.test\r\nSubject: x\r\nContent-Type: text/plain; charset=gb2312\r\n"
+           f"Content-Transfer-Encoding: base64\r\n\r\n{body[:-3]}\r\n").encode()
+    assert parse(raw).text.startswith("打印机坏了，请尽快处理")
+
+
+@pytest.mark.parametrize("charset", ["utf-8", "gbk"])
+def test_a_raw_8bit_attachment_name_is_decoded(charset):
+    raw = (b"From: u@example.test\r\nSubject: x\r\nMIME-Version: 1.0\r\n"
+           b"Content-Type: multipart/mixed; boundary=b\r\n\r\n--b\r\n"
+           b"Content-Type: text/plain; charset=utf-8\r\n\r\nsee attachment\r\n--b\r\n"
+           b'Content-Type: image/png\r\nContent-Disposition: attachment; filename="'
+           + "故障截图.png".encode(charset) + b'"\r\nContent-Transfer-Encoding: base64\r\n\r\n'
+           + b"QUFB\r\n--b--\r\n")
+    assert [a.filename for a in parse(raw).attachments] == ["故障截图.png"]
+
+
+def test_a_display_name_is_cut_to_fit_its_column():
+    raw = make_mail("u@example.test", "x", "y", name="信息中心运维部" * 50)
+    assert parse(raw).from_name == ("信息中心运维部" * 50)[:NAME_LIMIT]
