@@ -230,6 +230,7 @@ class ImapSource:
         self.logins = 0  # successful connections so far (reconnections show here)
         self._announced = False  # new mail announced in a response we did not look for
         self._client: imapclient.IMAPClient | None = None
+        self.unreadable: dict[int, str] = {}  # UID → why the server would not deliver it
 
     @property
     def name(self) -> str:
@@ -422,15 +423,33 @@ class ImapSource:
         """Yield the messages in UID order, batch_size per round trip, leaving \\Seen alone.
 
         The key is ``imap:user@host:port/folder;UIDVALIDITY;UID``. Messages expunged
-        meanwhile are skipped.
+        meanwhile are skipped. When the server refuses a batch (NO: e.g. it cannot read or
+        convert one message), each UID is fetched alone: the one it will not deliver is
+        noted in `unreadable`, left on the server, and the others go on.
         """
-        client = self._connected()
         ordered = sorted(set(uids))
         size = self.settings.batch_size
+        self.unreadable = {}
         for start in range(0, len(ordered), size):
             batch = ordered[start : start + size]
-            with self._errors("UID FETCH"):
-                response = client.fetch(batch, [b"BODY.PEEK[]"])
+            try:
+                with self._errors("UID FETCH"):
+                    response = self._connected().fetch(batch, [b"BODY.PEEK[]"])
+            except SourceError as failed:
+                if not _refused(failed):
+                    raise  # the connection broke or timed out: the whole pass is retried
+                # The server refused, e.g. a message it cannot read fails the batch (Dovecot
+                # answers BYE): each UID alone, logging in again when it hung up.
+                response = {}
+                for uid in batch:
+                    client = self._reopened()
+                    try:
+                        with self._errors("UID FETCH"):
+                            response |= client.fetch([uid], [b"BODY.PEEK[]"])
+                    except SourceError as refused:
+                        if not _refused(refused):
+                            raise
+                        self.unreadable[uid] = str(refused.__cause__)[:300]
             for uid in batch:
                 raw = response.get(uid, {}).get(b"BODY[]")
                 if raw is not None:
@@ -476,6 +495,14 @@ class ImapSource:
 
     def __exit__(self, *exc: object) -> None:
         self.close()
+
+    def _reopened(self) -> imapclient.IMAPClient:
+        """The session, logged in again when the server dropped it (same UIDVALIDITY)."""
+        if self._client is None:
+            before = self.uidvalidity
+            if self.connect() != before:
+                raise SourceError(f"{self.name}: UIDVALIDITY changed while fetching")
+        return self._connected()
 
     def _connected(self) -> imapclient.IMAPClient:
         if self._client is None:
@@ -537,6 +564,13 @@ class ImapSource:
                 # unknown, so it is dropped; the reconnection polls and finds the mail.
                 self.close()
             raise SourceError(f"IMAP {action} failed on {where}: {exc}") from exc
+
+
+def _refused(error: SourceError) -> bool:
+    """Whether the server answered (NO, BAD, or BYE with its reason), rather than the
+    connection breaking or timing out (imaplib says "socket error" then)."""
+    cause = error.__cause__
+    return isinstance(cause, imap_errors.IMAPClientError) and "socket error" not in str(cause)
 
 
 def _words(response: object) -> set[bytes]:

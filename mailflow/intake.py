@@ -72,7 +72,11 @@ def source_for(cfg: ImapConfig) -> ImapSource:
     )
 
 
-def _store_batch(desk: Desk, mailbox: str, batch: list[Fetched], now: datetime) -> None:
+def _store_batch(
+    desk: Desk, mailbox: str, batch: list[Fetched], now: datetime, below: int | None = None
+) -> None:
+    """Store a fetched batch and move the mailbox's progress past it, but not up to UID
+    `below` (a message the server would not deliver: it is asked for again next time)."""
     with desk.db.transaction() as session:
         state = session.get(MailboxState, mailbox)
         for fetched in batch:
@@ -80,7 +84,10 @@ def _store_batch(desk: Desk, mailbox: str, batch: list[Fetched], now: datetime) 
                 row = store(session, mailbox, fetched.key, fetched.uid, fetched.raw, now)
                 log.debug("stored %s as %s", fetched.key, f"#{row}" if row else "a repeat")
         if state is not None and batch and batch[-1].uid is not None:
-            state.last_uid = max(state.last_uid, max(f.uid or 0 for f in batch))
+            done = max(f.uid or 0 for f in batch)
+            if below is not None:
+                done = min(done, below - 1)
+            state.last_uid = max(state.last_uid, done)
             state.last_poll_at = now
 
 
@@ -123,13 +130,21 @@ def poll_imap(
     fetched = source.fetch(uids)
     count = 0
     while batch := list(islice(fetched, source.settings.batch_size)):
-        _store_batch(desk, mailbox, batch, clock())
+        below = min(source.unreadable, default=None)
+        _store_batch(desk, mailbox, batch, clock(), below)
         source.mark_done([f.uid for f in batch if f.uid is not None])
         count += len(batch)
+    error = None
+    if source.unreadable:  # the rest went on; these stay on the server, asked for again
+        error = "; ".join(
+            f"the server would not deliver UID {uid} ({why}): it stays in the mailbox and "
+            "is asked for again at each poll" for uid, why in sorted(source.unreadable.items())
+        )[:2000]
+        log.error("%s: %s", mailbox, error)
     with desk.db.transaction() as session:
         state = session.get(MailboxState, mailbox)
         if state is not None:
-            state.last_poll_at, state.last_error = clock(), None
+            state.last_poll_at, state.last_error = clock(), error
     return count
 
 

@@ -19,7 +19,7 @@ from support import REPO, desk_config, make_desk, make_mail, run_once, write_con
 from mailflow import incidents, intake
 from mailflow.cli import main
 from mailflow.daemon import Daemon
-from mailflow.models import Outbox
+from mailflow.models import Inbound, MailboxState, Outbox
 from mailflow.rules import RuleSet
 
 FIXTURES = Path(__file__).parent / "fixtures" / "mail"
@@ -104,6 +104,48 @@ def test_a_non_ascii_address_goes_with_smtputf8_or_is_dead_lettered_alone(tmp_pa
     finally:
         desk.close()
         sink.stop()
+
+
+def test_a_message_the_imap_server_cannot_read_does_not_stop_the_mailbox(tmp_path, mailbox,
+                                                                         clock):
+    """The server fails one message (Dovecot cannot read its file, hangs up): the others are
+    stored, that one stays on the server, is named in `status`, and comes once it can."""
+    for n in (1, 2, 3):
+        mailbox.append(make_mail(f"u{n}@example.test", f"问题 {n}", f"正文 {n}"))
+    home = mailbox.server.mail_root / mailbox.address / "Maildir"
+    files = [p for sub in ("new", "cur") for p in (home / sub).iterdir()]
+    name = next(p for p in files if b"u2@example.test" in p.read_bytes()).name.split(":")[0]
+
+    def readable(yes: bool) -> None:  # Dovecot moves the file from new/ to cur/ meanwhile
+        for path in (p for sub in ("new", "cur") for p in (home / sub).iterdir()):
+            if path.name.split(":")[0] == name:
+                path.chmod(0o600 if yes else 0)
+
+    readable(False)
+    desk = make_desk(tmp_path, mailbox=mailbox)
+    try:
+        for later in (4, 5):  # two polls: mail after the bad one keeps coming in
+            mailbox.append(make_mail(f"u{later}@example.test", f"问题 {later}", "正文"))
+            source = intake.imap_source(desk)
+            intake.poll_imap(desk, source, clock)
+            source.close()
+        with desk.db.sessions() as session:
+            senders = sorted(session.scalars(select(Inbound.uid)))
+            state = session.scalars(select(MailboxState)).one()
+        assert senders == [1, 3, 4, 5]
+        assert state.last_uid == 1 and "UID 2" in state.last_error
+        readable(True)  # the server can read it again
+        source = intake.imap_source(desk)
+        intake.poll_imap(desk, source, clock)
+        source.close()
+        with desk.db.sessions() as session:
+            assert sorted(session.scalars(select(Inbound.uid))) == [1, 2, 3, 4, 5]
+            state = session.scalars(select(MailboxState)).one()
+        assert (state.last_uid, state.last_error) == (5, None)
+        assert Daemon(desk, clock).intake_pass()[1] == 5  # each processed once
+    finally:
+        readable(True)
+        desk.close()
 
 
 def test_a_poison_message_is_quarantined_and_the_rest_go_through(
