@@ -143,7 +143,7 @@ def _related(html: Message, inline: Iterable[tuple[str, str, bytes]]) -> Message
     parts = list(inline)
     if not parts:
         return html
-    related = MIMEMultipart("related")
+    related = MIMEMultipart("related", type="text/html")  # RFC 2387: the root's type
     related.attach(html)
     for cid, content_type, data in parts:
         maintype, _, subtype = content_type.partition("/")

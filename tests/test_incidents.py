@@ -705,6 +705,10 @@ def test_every_incident_template_renders_in_both_languages(language, tmp_path):
         if language == "en":
             assert not any("\u4e00" <= c <= "\u9fff" for c in rendered.subject.replace(
                 ticket.subject, "")), name
+    # A requester who gave no display name is their address, not " <address>".
+    ticket.requester_name = None
+    text = renderer.render("ack", **context).text
+    assert f": {USER}\n" in text.replace("：", ": ") and f" <{USER}>" not in text
 
 
 def test_an_english_desk_speaks_english(tmp_path, mailbox, smtp, clock, capsys):

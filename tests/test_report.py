@@ -13,16 +13,17 @@ import asyncio
 import csv
 import io
 import json
-from datetime import date
+from datetime import UTC, date, datetime
+from email import message_from_bytes
 from html.parser import HTMLParser
 from pathlib import Path
 
 import pytest
 from scenarios import local, october, scenario_desk
 from sqlalchemy import select
-from support import parsed
+from support import make_desk, parsed
 
-from mailflow import jobs, outbox, report
+from mailflow import jobs, notify, outbox, report
 from mailflow.cli import main
 from mailflow.config import check_config, monthly_schedule, weekly_schedule
 from mailflow.desk import Desk
@@ -443,3 +444,15 @@ def test_report_jobs_registered_with_catch_up(tmp_path):
     assert weekly.get_next_fire_time(None, after) == local("2026-11-09 09:00")
     assert monthly.get_next_fire_time(None, after) == local("2026-12-01 09:00")
     oct_desk.close()
+
+
+def test_the_related_part_names_its_root_type(tmp_path):
+    """RFC 2387: multipart/related says the type of its root part (the HTML)."""
+    desk = make_desk(tmp_path)
+    wire = notify.build(desk, subject="s", text="t", html="<img src='cid:c1@x'>",
+                        now=datetime(2026, 11, 2, tzinfo=UTC), ticket=None,
+                        inline=[("c1@x", "image/png", b"\x89PNG")])
+    related = [p for p in message_from_bytes(wire).walk()
+               if p.get_content_type() == "multipart/related"]
+    assert [p.get_param("type") for p in related] == ["text/html"]
+    desk.close()
