@@ -63,7 +63,10 @@ def on_new(
             *roles.service_desk,  # every new incident reaches the desk, the users' contact
             *roles.l2, *roles.post_lead, *roles.service_desk_lead, *roles.incident_manager,
         ]
-        notify.queue(session, desk, "major_incident", alerted, now, ticket=ticket)
+        notify.queue(
+            session, desk, "major_incident", alerted, now, ticket=ticket,
+            in_reply_to=mail.message_id,
+        )
         record(session, ticket, "major_alert", SYSTEM, now, ", ".join(dict.fromkeys(alerted)))
         return
     similar = desk_similar(session, desk, ticket)
@@ -72,7 +75,10 @@ def on_new(
         record(session, ticket, "similar", SYSTEM, now, ", ".join(refs), refs=refs)
     # The desk owns every incident; a rule may also dispatch it straight to another tier.
     team = [*roles.service_desk, *roles.tier_members(ticket.tier)]
-    notify.queue(session, desk, "new_incident", team, now, ticket=ticket, similar=similar)
+    notify.queue(
+        session, desk, "new_incident", team, now, ticket=ticket, similar=similar,
+        in_reply_to=mail.message_id,
+    )
 
 
 def desk_similar(session: Session, desk: Desk, ticket: Ticket) -> list[Ticket]:

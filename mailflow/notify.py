@@ -174,8 +174,11 @@ def queue(
     """Render `template` and queue it for each distinct recipient (never the desk itself).
 
     `message_id` fixes the Message-ID (e.g. one carrying an approval token); it is only
-    allowed with a single recipient, since every outgoing mail has its own.
+    allowed with a single recipient, since every outgoing mail has its own. A mail about a
+    ticket answers `in_reply_to`, by default the mail that opened the ticket.
     """
+    if in_reply_to is None and ticket is not None and ticket.id is not None:
+        in_reply_to = tracking.opener_id(session, ticket.id)  # one thread per ticket
     rendered = desk.renderer.render(template, ticket=ticket, desk=desk.settings.desk, **context)
     subject = clean_header(rendered.subject)
     if ticket is not None and tracking.tag(ticket) not in subject:

@@ -8,7 +8,7 @@ from collections.abc import Iterable
 from sqlalchemy import bindparam, insert, select
 from sqlalchemy.orm import Session
 
-from mailflow.models import Outbox, ThreadRef, Ticket
+from mailflow.models import Inbound, Outbox, ThreadRef, Ticket
 
 TAG = re.compile(r"\[\s*(INC|REQ)\s*-\s*(\d{1,9})\s*\]", re.IGNORECASE)
 KINDS = {"INC": "incident", "REQ": "request"}
@@ -85,6 +85,20 @@ def find_ticket(
         or by_message_ids(session, in_reply_to)
         or by_message_ids(session, references)
     )
+
+
+_OPENER = (
+    select(Inbound.message_id)
+    .where(Inbound.ticket_id == bindparam("ticket_id"))
+    .order_by(Inbound.id)
+    .limit(1)
+)
+
+
+def opener_id(session: Session, ticket_id: int) -> str | None:
+    """The Message-ID of the mail that opened the ticket: the desk's later mails about it
+    answer that one, so the requester's mail client shows them all in one thread."""
+    return session.connection().scalar(_OPENER, {"ticket_id": ticket_id})
 
 
 _KNOWN = select(ThreadRef.ticket_id).where(ThreadRef.message_id == bindparam("message_id"))

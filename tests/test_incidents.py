@@ -564,6 +564,25 @@ def test_a_forwarded_report_keeps_what_it_forwards(desk, mailbox, smtp, clock, c
     assert "全部用户无法登录" in body_of(last_to(smtp, "l2@example.test"))
 
 
+def test_every_mail_about_an_incident_answers_the_mail_that_opened_it(
+    desk, mailbox, smtp, clock, capsys
+):
+    """So the requester's and the engineers' mail clients show one thread per ticket."""
+    report(desk, mailbox, clock, "三楼打印机卡纸", "打印机卡纸，无法打印。")
+    [opener] = [m.content for m in smtp.messages if USER in m.rcpt_tos]
+    opened = str(parsed(opener)["In-Reply-To"])
+    answer(desk, mailbox, clock, last_to(smtp, "desk1@example.test"), "desk1@example.test",
+           "待用户\n是哪一台打印机？")
+    answer(desk, mailbox, clock, last_to(smtp, USER), USER, "三楼东侧那台")
+    answer(desk, mailbox, clock, last_to(smtp, "desk1@example.test"), "desk1@example.test",
+           "已解决\n清理了进纸器。")
+    answer(desk, mailbox, clock, last_to(smtp, USER), USER, "确认")
+    mails = [parsed(m.content) for m in smtp.messages]
+    assert len(mails) >= 7  # ack, notices, question, comment, resolved, closed
+    assert {str(m["In-Reply-To"]) for m in mails} == {opened}
+    assert all(opened in str(m["References"]) for m in mails)
+
+
 def test_a_reply_to_the_digest_naming_a_ticket_acts_on_it(desk, mailbox, smtp, clock, capsys):
     report(desk, mailbox, clock, "三楼打印机卡纸", "打印机卡纸，无法打印。")
     clock.advance(days=1)
