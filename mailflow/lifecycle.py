@@ -66,15 +66,15 @@ STAFF_ROLES = frozenset(
     {"service_desk", "service_desk_lead", "l2", "l3", "incident_manager", "problem_manager"}
 )
 
-ROLE_NAMES = {
-    "requester": "报告人 requester",
-    "desk": "服务台 service desk",
-    "tier": "当前处理组 owning tier",
-    "im": "事件经理 incident manager",
-    "staff": "技术支持人员 IT staff",
-    "approver": "审批人 approver",
-    "executor": "执行人 executor",
-    "anyone": "任何人 anyone",
+ROLE_NAMES = {  # (中文, English)
+    "requester": ("报告人", "the requester"),
+    "desk": ("服务台", "the service desk"),
+    "tier": ("当前处理组", "the owning tier"),
+    "im": ("事件经理", "the incident manager"),
+    "staff": ("技术支持人员", "IT staff"),
+    "approver": ("审批人", "the approver"),
+    "executor": ("执行人", "the executor"),
+    "anyone": ("任何人", "anyone"),
 }
 
 
@@ -137,8 +137,10 @@ def check(ticket: Ticket, action: str, held: frozenset[str]) -> str | None:
             f"not possible while the ticket is {ticket.status}"
         )
     if not held & transition.roles:
-        who = "、".join(ROLE_NAMES[r] for r in sorted(transition.roles))
-        return f"只有 {who} 可以执行 “{action}” / only {who} may do this"
+        roles = sorted(transition.roles)
+        zh = "、".join(ROLE_NAMES[r][0] for r in roles)
+        en = " or ".join(ROLE_NAMES[r][1] for r in roles)
+        return f"只有 {zh} 可以执行 “{action}” / only {en} may do this"
     return None
 
 

@@ -141,3 +141,11 @@ def test_what_a_reply_means_in_context():
     # Someone else's reply to a closed incident is just a comment.
     other = held(ticket, "colleague@example.test")
     assert incidents.interpret(ticket, Command("comment", "", "又坏了"), other).action == "comment"
+
+
+def test_a_refusal_names_the_roles_in_each_language():
+    ticket = incident(status="open")
+    why = lifecycle.check(ticket, "resolve", held(ticket, USER))
+    zh, en = why.split(" / ")
+    assert zh == "只有 事件经理、当前处理组 可以执行 “resolve”"
+    assert en == "only the incident manager or the owning tier may do this"
