@@ -423,9 +423,9 @@ class ImapSource:
         """Yield the messages in UID order, batch_size per round trip, leaving \\Seen alone.
 
         The key is ``imap:user@host:port/folder;UIDVALIDITY;UID``. Messages expunged
-        meanwhile are skipped. When the server refuses a batch (NO: e.g. it cannot read or
-        convert one message), each UID is fetched alone: the one it will not deliver is
-        noted in `unreadable`, left on the server, and the others go on.
+        meanwhile are skipped. When the server refuses a batch (NO, or BYE because it cannot
+        read or convert one message), each UID is fetched alone: the one it will not
+        deliver is noted in `unreadable`, left on the server, and the others go on.
         """
         ordered = sorted(set(uids))
         size = self.settings.batch_size
