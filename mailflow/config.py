@@ -216,6 +216,7 @@ class LimitSettings:
     max_attachments: int = 20
     auto_replies_per_sender_per_hour: int = 5
     auto_replies_per_ticket_per_hour: int = 10
+    mails_per_ticket_per_hour: int = 60  # to anyone, while inbound mail is processed
     bounce_suppress: timedelta = timedelta(days=7)
     allow: tuple[str, ...] = ()
     deny: tuple[str, ...] = ()
@@ -709,6 +710,7 @@ def read_config(path: Path) -> tuple[Settings | None, list[Problem]]:
         auto_replies_per_ticket_per_hour=r.get(
             "limits", "auto_replies_per_ticket_per_hour", int, 10
         ),
+        mails_per_ticket_per_hour=r.get("limits", "mails_per_ticket_per_hour", int, 60),
         bounce_suppress=r.parsed("limits", "bounce_suppress", timedelta(days=7), _duration),
         allow=_senders(r, "allow"),
         deny=_senders(r, "deny"),
@@ -720,6 +722,8 @@ def read_config(path: Path) -> tuple[Settings | None, list[Problem]]:
     for key in ("auto_replies_per_sender_per_hour", "auto_replies_per_ticket_per_hour"):
         if getattr(limits, key) < 0:
             r.problem(f"limits.{key}", "must be 0 (no automatic replies) or more")
+    if limits.mails_per_ticket_per_hour < 1:
+        r.problem("limits.mails_per_ticket_per_hour", "must be at least 1")
 
     rules_dir = base / "rules" if (base / "rules").is_dir() else PACKAGE_DEFAULTS / "rules"
     rules_dir = _path(base, r.get("paths", "rules", str, str(rules_dir)))

@@ -14,6 +14,12 @@ Policy is data: `[limits]` in config.toml and the rows of `suppressions`, `auto_
 - Loops: a new mail from someone we mailed within `[limits] loop_window` (and dated after our
   mail) gets no automatic reply. An auto-responder that answers us, however it marks its mail,
   ends the exchange at its first answer; its mail is still recorded.
+- Storms through third parties: two auto-responders can answer each other *through* the desk
+  (A's answer is mailed to B, whose answer is mailed to A …), which the caps above, counting
+  mail back to the sender, never see. So the mail the desk queues to anyone else while
+  processing inbound mail is bounded too: at most `[limits] mails_per_ticket_per_hour` on one
+  ticket, and nothing more from a sender whose new mails were taken for an auto-responder's
+  answer twice within the hour. Withheld mail is recorded and the lead alerted once.
 - Bounces (`delivery_report`): a report quoting the Message-ID of a mail we sent is attached
   to that outbox row and recorded on its ticket; a permanent failure suppresses the recipient
   for `[limits] bounce_suppress`. A report on no mail of ours changes nothing, so a forged
@@ -47,6 +53,7 @@ log = logging.getLogger(__name__)
 
 SYSTEM = "mailflow"
 HOUR = timedelta(hours=1)
+LOOP_SUSPECTED = "mail loop suspected"  # how a loop_window reason starts (counted below)
 ALERT_QUIET = timedelta(hours=1)  # an alert episode ends after this long without the condition
 DATE_SKEW = timedelta(minutes=2)  # tolerated clock difference between us and a sender
 ALERT_TEMPLATE = "guard_alert"
@@ -155,6 +162,8 @@ class Context:
     quiet: str | None = None  # why no automatic reply goes out for this mail
     noted: bool = False
     alerted: set[str] = field(default_factory=set)
+    fan_out: int | None = None  # mail queued on the ticket in the last hour (counted once)
+    held: str | None = None  # why no mail to anyone else goes out for this mail
 
 
 def begin(session: Session, mail: ParsedMail, inbound: Inbound, now: datetime) -> Context:
@@ -216,7 +225,7 @@ def _loop_reason(session: Session, desk: Desk, ctx: Context) -> str | None:
         return None  # nothing of ours to answer, or written before our mail went out
     minutes = max((arrived - last).total_seconds(), 0) / 60
     return (
-        f"mail loop suspected: {ctx.sender} wrote {minutes:.1f} min after our mail of "
+        f"{LOOP_SUSPECTED}: {ctx.sender} wrote {minutes:.1f} min after our mail of "
         f"{last:%Y-%m-%d %H:%M:%S} UTC (within [limits] loop_window)"
     )
 
@@ -245,9 +254,57 @@ def may_mail(session: Session, desk: Desk, address: str, now: datetime) -> bool:
             record(session, ctx.ticket, "not_mailed", SYSTEM, now,
                    f"{address} suppressed until {held.until:%Y-%m-%d %H:%M} UTC: {held.reason}")
         return False
-    if ctx is None or address != ctx.sender:
+    if ctx is None:
         return True
-    return _automatic_reply(session, desk, ctx, now)
+    if address == ctx.sender:
+        return _automatic_reply(session, desk, ctx, now)
+    return _fan_out(session, desk, ctx, address, now)
+
+
+_TICKET_MAIL_SINCE = select(func.count(Outbox.id)).where(
+    Outbox.ticket_id == bindparam("ticket_id"), Outbox.created_at > bindparam("since")
+)
+_LOOPS_SINCE = select(func.count(AutoReply.id)).where(
+    AutoReply.address == bindparam("sender"),
+    AutoReply.outcome == "withheld",
+    AutoReply.reason.startswith(LOOP_SUSPECTED),
+    AutoReply.inbound_id != bindparam("inbound_id"),
+    AutoReply.at > bindparam("since"),
+)
+
+
+def _fan_out(session: Session, desk: Desk, ctx: Context, address: str, now: datetime) -> bool:
+    """Allow or withhold a mail to someone other than the sender in hand (see the module
+    docstring: storms through third parties)."""
+    if ctx.ticket is None:
+        return True
+    connection, key = session.connection(), None
+    if ctx.held is None and ctx.fan_out is None:
+        since = now - HOUR
+        ctx.fan_out = connection.scalar(
+            _TICKET_MAIL_SINCE, {"ticket_id": ctx.ticket.id, "since": since}
+        )
+        if ctx.quiet is not None and connection.scalar(
+            _LOOPS_SINCE, {"sender": ctx.sender, "inbound_id": ctx.inbound_id, "since": since}
+        ):
+            ctx.held = f"{ctx.quiet}, again within the hour: nobody else is mailed about it"
+            key = f"loop:{ctx.sender}"
+    cap = desk.settings.limits.mails_per_ticket_per_hour
+    if ctx.held is None and (ctx.fan_out or 0) >= cap:
+        ctx.held = (
+            f"{ctx.fan_out} mails on {ctx.ticket.ref} in the last hour "
+            f"(limits.mails_per_ticket_per_hour = {cap})"
+        )
+        key = f"cap:mails:{ctx.ticket.ref}"
+    if ctx.held is None:
+        ctx.fan_out = (ctx.fan_out or 0) + 1
+        return True
+    record(session, ctx.ticket, "not_mailed", SYSTEM, now, ctx.held, to=address)
+    if key is not None and key not in ctx.alerted:
+        ctx.alerted.add(key)
+        log.warning("%s: %s", ctx.ticket.ref, ctx.held)
+        alert(session, desk, key, ctx.held, now)
+    return False
 
 
 def _sent_last_hour(
@@ -318,7 +375,12 @@ def alert(session: Session, desk: Desk, key: str, detail: str, now: datetime) ->
         row.count, row.detail = 1, detail[:4000]
     roles = desk.settings.roles
     to = roles.service_desk_lead or roles.service_desk
-    notify.queue(session, desk, ALERT_TEMPLATE, to, now, key=key, detail=detail, at=now)
+    ctx = session.info.pop(_CONTEXT, None)  # the governor's own mail is not governed
+    try:
+        notify.queue(session, desk, ALERT_TEMPLATE, to, now, key=key, detail=detail, at=now)
+    finally:
+        if ctx is not None:
+            session.info[_CONTEXT] = ctx
     log.error("alert to %s: %s", ", ".join(to), detail)
     return True
 

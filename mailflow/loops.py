@@ -42,6 +42,9 @@ def _local_parts(value: str) -> list[str]:
     return [a.split("@", 1)[0].strip().lower() for a in re.findall(r"[^\s<>,;\"]+", value)]
 
 
+_COMMENT = re.compile(r"\([^()]*\)")
+
+
 def automatic_reason(msg: email.message.Message, subject: str,
                      desk_marker: str = "X-Mailflow") -> str | None:
     """Why ``msg`` is automatic mail that must not be answered, or None for a person's mail."""
@@ -50,7 +53,8 @@ def automatic_reason(msg: email.message.Message, subject: str,
         return f"own mail ({desk_marker})"
     auto = h.get("auto-submitted")
     if auto is not None:
-        token = auto.split(";", 1)[0].strip().lower()
+        # RFC 3834: a keyword, then optional parameters; comments in () may go anywhere.
+        token = _COMMENT.sub(" ", auto).split(";", 1)[0].strip().lower()
         if token and token != "no":
             return f"Auto-Submitted: {token}"
     for name in ("x-autoreply", "x-autorespond"):

@@ -18,6 +18,7 @@ from sqlalchemy import select
 from support import DESK, body_of, make_desk, make_mail, parsed, reply, run_once
 
 from mailflow.cli import main
+from mailflow.mail import parse
 from mailflow.models import Alert, AutoReply, Inbound, Outbox, Suppression
 
 FIXTURES = Path(__file__).parent / "fixtures" / "mail"
@@ -288,6 +289,66 @@ def test_two_desks_answering_each_other_stop_within_three_messages(
     status = cli_json(desk, capsys, "status")
     assert status["inbound"]["pending"] == 0 and status["inbound"]["quarantined"] == 0
     assert sum(status["inbound"].values()) == exchanged - answered, "every mail is recorded"
+
+
+def test_two_auto_responders_answering_each_other_through_the_desk_are_stopped(
+    desk, mailbox, smtp, clock, capsys
+):
+    """desk1 and desk2 (service desk members) are both away with a fixed-text, unmarked
+    auto-reply: each answer is a new mail that the desk would mail to the other member."""
+    staff = ("desk1@example.test", "desk2@example.test")
+    mailbox.append(make_mail("user@example.test", "打印机坏了", "三楼打印机不能用", date=clock.now))
+    seen = 0
+    for _ in range(20):  # a round a minute: whatever reached a member is answered
+        run_once(desk, clock)
+        new, seen = smtp.messages[seen:], len(smtp.messages)
+        clock.advance(minutes=1)
+        for mail in new:
+            for member in set(mail.rcpt_tos) & set(staff):
+                mailbox.append(make_mail(member, "Thank you for your message",
+                                         "I am out of the office.", date=clock.now))
+    assert len(smtp.messages) <= 12, f"{len(smtp.messages)} mails in 20 minutes"
+    assert seen == len(smtp.messages), "the exchange has stopped"
+    with desk.db.sessions() as session:
+        keys = set(session.scalars(select(Alert.key)))
+    assert keys & {f"loop:{member}" for member in staff}, "the lead is told"
+    status = cli_json(desk, capsys, "status")
+    assert status["inbound"]["pending"] == status["inbound"]["quarantined"] == 0
+
+
+def test_mail_on_one_ticket_is_capped_whoever_it_goes_to(tmp_path, mailbox, smtp, clock,
+                                                          capsys):
+    """A requester that is another helpdesk answering every mail, and an engineer's
+    threaded out-of-office: each answer goes on to the other side, never back to its
+    sender, so only the per-ticket cap on all mail ends it."""
+    desk = make_desk(tmp_path, mailbox=mailbox, smtp=smtp,
+                     limits={"mails_per_ticket_per_hour": 8})
+    helpdesk = "helpdesk@other.test"
+    mailbox.append(make_mail(helpdesk, "打印机坏了", "三楼打印机不能用", date=clock.now))
+    seen = 0
+    for _ in range(15):
+        run_once(desk, clock)
+        new, seen = smtp.messages[seen:], len(smtp.messages)
+        clock.advance(minutes=6)  # past the loop window: each answer looks like a person's
+        for mail in new:
+            for rcpt in mail.rcpt_tos:
+                if rcpt in (helpdesk, "desk1@example.test"):
+                    mailbox.append(reply(mail.content, rcpt, "已收到，我们会尽快处理。"
+                                         if rcpt == helpdesk else "我在休假，下周回来。"))
+    ticket = cli_json(desk, capsys, "show", "INC-1")
+    assert seen == len(smtp.messages), "the exchange has stopped"
+    assert len(smtp.messages) <= 8 + 2  # the cap, the acknowledgement and the alert
+    assert any(e["action"] == "not_mailed" and "mails_per_ticket_per_hour" in e["detail"]
+               for e in ticket["events"])
+    with desk.db.sessions() as session:
+        assert "cap:mails:INC-1" in set(session.scalars(select(Alert.key)))
+    desk.close()
+
+
+def test_auto_submitted_no_with_a_comment_is_a_person():
+    raw = make_mail("user@example.test", "打印机坏了", "卡纸",
+                    headers={"Auto-Submitted": "no (written by a person)"})
+    assert parse(raw).auto is None
 
 
 def test_a_quick_second_mail_written_before_our_ack_is_still_answered(
