@@ -162,6 +162,7 @@ class Context:
     quiet: str | None = None  # why no automatic reply goes out for this mail
     noted: bool = False
     alerted: set[str] = field(default_factory=set)
+    new: bool = False  # the mail opened its ticket
     fan_out: int | None = None  # mail queued on the ticket in the last hour (counted once)
     held: str | None = None  # why no mail to anyone else goes out for this mail
 
@@ -185,7 +186,7 @@ def on_ticket(
     """The mail's ticket is known: count replies on it, note a loop, record omissions."""
     ctx = session.info.get(_CONTEXT)
     if ctx is not None:
-        ctx.ticket = ticket
+        ctx.ticket, ctx.new = ticket, new
         if new:
             ctx.quiet = _loop_reason(session, desk, ctx)
     left_out = omitted_text(mail)
@@ -279,9 +280,9 @@ def _fan_out(session: Session, desk: Desk, ctx: Context, address: str, now: date
     if ctx.ticket is None:
         return True
     connection, key = session.connection(), None
-    if ctx.held is None and ctx.fan_out is None:
+    if ctx.fan_out is None:  # counted once per mail; a ticket it opened has none yet
         since = now - HOUR
-        ctx.fan_out = connection.scalar(
+        ctx.fan_out = 0 if ctx.new else connection.scalar(
             _TICKET_MAIL_SINCE, {"ticket_id": ctx.ticket.id, "since": since}
         )
         if ctx.quiet is not None and connection.scalar(
