@@ -284,21 +284,21 @@ def _fan_out(session: Session, desk: Desk, ctx: Context, address: str, now: date
         since = now - HOUR
         ctx.fan_out = 0 if ctx.new else connection.scalar(
             _TICKET_MAIL_SINCE, {"ticket_id": ctx.ticket.id, "since": since}
-        )
+        ) or 0
         if ctx.quiet is not None and connection.scalar(
             _LOOPS_SINCE, {"sender": ctx.sender, "inbound_id": ctx.inbound_id, "since": since}
         ):
             ctx.held = f"{ctx.quiet}, again within the hour: nobody else is mailed about it"
             key = f"loop:{ctx.sender}"
     cap = desk.settings.limits.mails_per_ticket_per_hour
-    if ctx.held is None and (ctx.fan_out or 0) >= cap:
+    if ctx.held is None and ctx.fan_out >= cap:
         ctx.held = (
             f"{ctx.fan_out} mails on {ctx.ticket.ref} in the last hour "
             f"(limits.mails_per_ticket_per_hour = {cap})"
         )
         key = f"cap:mails:{ctx.ticket.ref}"
     if ctx.held is None:
-        ctx.fan_out = (ctx.fan_out or 0) + 1
+        ctx.fan_out += 1
         return True
     record(session, ctx.ticket, "not_mailed", SYSTEM, now, ctx.held, to=address)
     if key is not None and key not in ctx.alerted:
