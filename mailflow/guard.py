@@ -1,12 +1,8 @@
-"""The loop and flood governor, sender policy, delivery reports and failing-source backoff.
+"""The loop and flood governor, delivery reports and failing-source backoff.
 
 Policy is data: `[limits]` in config.toml and the rows of `suppressions`, `auto_replies` and
 `alerts` (migration 0005).
 
-- Who may write (`refused_sender`): `[limits] deny` and `allow` by address or `@domain` (an
-  @domain covers its subdomains); people in `[roles]` pass `allow` but not `deny`. Mail that
-  claims to come from the desk itself (From or Sender, its +tag addresses too) is never
-  trusted (`claims_desk`).
 - Automatic replies: a mail queued while an inbound mail is processed, *to that mail's
   sender*, is an automatic reply (acknowledgement, refusal …). `may_mail` counts them per
   sender and per ticket over the last hour; above `[limits] auto_replies_per_*_per_hour` they
@@ -31,7 +27,6 @@ Policy is data: `[limits]` in config.toml and the rows of `suppressions`, `auto_
 from __future__ import annotations
 
 import logging
-import re
 from dataclasses import dataclass, field
 from datetime import datetime, timedelta
 from typing import TYPE_CHECKING
@@ -43,6 +38,7 @@ from mailflow import notify
 from mailflow.loops import parse_bounce
 from mailflow.mail import ParsedMail, parse
 from mailflow.models import Alert, AutoReply, Inbound, Outbox, Suppression, Ticket
+from mailflow.senders import is_desk_address
 from mailflow.tickets import record
 
 if TYPE_CHECKING:
@@ -59,56 +55,6 @@ DATE_SKEW = timedelta(minutes=2)  # tolerated clock difference between us and a 
 ALERT_TEMPLATE = "guard_alert"
 _CONTEXT = "mailflow.guard"
 _SUPPRESSED = "mailflow.suppressed"
-_ADDRESS = re.compile(r"^[^@\s<>\"]+@[^@\s<>\"]+$")
-
-
-# -- who may write ------------------------------------------------------------------------
-
-
-def is_desk_address(desk: Desk, address: str) -> bool:
-    """The desk's address or one of its +tag forms (e.g. approval reply addresses)."""
-    local, _, domain = desk.address.lower().partition("@")
-    a_local, _, a_domain = address.strip().lower().partition("@")
-    return a_domain == domain and (a_local == local or a_local.startswith(local + "+"))
-
-
-def claims_desk(desk: Desk, mail: ParsedMail) -> str | None:
-    """Why the mail claims to come from the desk itself (From or Sender); None otherwise.
-
-    Addresses are read from the raw headers, so a display name such as
-    `"itsm@example.test" <someone@else>` is only a name: that mail is from someone else.
-    """
-    for name in ("from", "sender"):
-        addresses = mail.addresses(name)
-        if name == "from":
-            addresses.append(mail.from_addr)
-        if any(is_desk_address(desk, a) for a in addresses if a):
-            return f"{name.title()} is the desk's own address"
-    return None
-
-
-def _listed(address: str, entries: tuple[str, ...]) -> bool:
-    domain = address.rpartition("@")[2]
-    for entry in entries:
-        if entry == address:
-            return True
-        if entry.startswith("@") and (domain == entry[1:] or domain.endswith("." + entry[1:])):
-            return True
-    return False
-
-
-def refused_sender(desk: Desk, mail: ParsedMail) -> str | None:
-    """Why mail from this sender is recorded but not acted on; None when it is accepted."""
-    address = mail.from_addr
-    limits = desk.settings.limits
-    local = address.partition("@")[0]
-    if not _ADDRESS.match(address) or len(address) > 254 or len(local) > 64:  # RFC 5321
-        return f"sender address {address[:100]!r} is not usable"
-    if _listed(address, limits.deny):
-        return f"sender {address} is on [limits] deny"
-    if limits.allow and not _listed(address, limits.allow) and not desk.settings.roles.of(address):
-        return f"sender {address} is not on [limits] allow"
-    return None
 
 
 # -- size limits -----------------------------------------------------------------------------

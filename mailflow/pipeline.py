@@ -21,7 +21,17 @@ from sqlalchemy import bindparam, insert, select, update
 from sqlalchemy.exc import DataError, IntegrityError, SQLAlchemyError
 from sqlalchemy.orm import Session
 
-from mailflow import approvals, commands, exporter, guard, incidents, logs, requests, tracking
+from mailflow import (
+    approvals,
+    commands,
+    exporter,
+    guard,
+    incidents,
+    logs,
+    requests,
+    senders,
+    tracking,
+)
 from mailflow.desk import Desk
 from mailflow.mail import MESSAGE_ID_LIMIT, ParsedMail
 from mailflow.mailboxes import with_mailbox_defaults
@@ -105,7 +115,7 @@ def _automatic(desk: Desk, mail: ParsedMail) -> str | None:
         return mail.auto
     if mail.from_addr == desk.address:
         return "sent from the desk's own address"
-    claim = guard.claims_desk(desk, mail)
+    claim = senders.claims_desk(desk, mail)
     if claim:
         return f"not trusted: {claim}"
     if not mail.from_addr:
@@ -139,7 +149,7 @@ def _route(
     if automatic:
         report = guard.delivery_report(session, desk, inbound, now) if mail.auto else None
         return Outcome("ignored", guard.safe_text(report or f"automatic mail: {automatic}"))
-    refused = guard.refused_sender(desk, mail)
+    refused = senders.refused_sender(desk, mail)
     if refused:
         return Outcome("ignored", guard.safe_text(refused))
     ticket = tracking.find_ticket(session, mail.subject, mail.in_reply_to, mail.references)
