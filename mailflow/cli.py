@@ -132,11 +132,25 @@ def cmd_check(args: argparse.Namespace) -> int:
         problems += _check_templates(settings)
     for problem in problems:
         print(problem)
+    if settings is not None:
+        for warning in security_warnings(settings):
+            print(f"{path}: warning: {warning}", file=sys.stderr)
     if problems:
         print(f"{len(problems)} problem(s)", file=sys.stderr)
         return 1
     print(f"{path}: configuration, rules and templates are valid")
     return 0
+
+
+def security_warnings(settings: Any) -> list[str]:
+    """What in [security] leaves the desk open to forged mail (valid, but worth saying)."""
+    security = settings.security
+    if security.commands == "from":
+        return [
+            'security.commands = "from": a From header alone is trusted, so anyone can '
+            "forge a command in the name of staff or a requester; use token_or_dmarc"
+        ]
+    return []
 
 
 def _problem(problem: Any) -> str:

@@ -200,6 +200,18 @@ class RequestSettings:
     trusted_authserv_id: str = ""
 
 
+SECURITY_MODES = ("token", "dmarc", "token_or_dmarc", "from")
+
+
+@dataclass(frozen=True)
+class SecuritySettings:
+    """[security]: what proves who sent a mail before a command in it counts (senders.py)."""
+
+    commands: str = "token_or_dmarc"
+    trusted_authserv_id: str = ""  # the authserv-id our own MTA writes in Authentication-Results
+    plus_address: bool = True  # Reply-To carries the reply token as desk+r-<token>@domain
+
+
 @dataclass(frozen=True)
 class DigestSettings:
     time: time | None = time(8, 30)  # None: no daily digests ("off")
@@ -247,6 +259,7 @@ class Settings:
     mailboxes: tuple[ImapConfig, ...] = ()
     metrics: MetricsSettings = field(default_factory=MetricsSettings)
     log: LogSettings = field(default_factory=LogSettings)
+    security: SecuritySettings = field(default_factory=SecuritySettings)
 
     @property
     def base_dir(self) -> Path:
@@ -583,6 +596,23 @@ def _request_settings(r: _Reader, roles: Roles) -> RequestSettings:
     return settings
 
 
+def _security_settings(r: _Reader, requests: RequestSettings) -> SecuritySettings:
+    """[security]; `[requests] trusted_authserv_id` (older configs) is the fallback."""
+    trusted = r.get("security", "trusted_authserv_id", str, "").strip()
+    settings = SecuritySettings(
+        commands=_choice(r, "security", "commands", "token_or_dmarc", SECURITY_MODES),
+        trusted_authserv_id=trusted or requests.trusted_authserv_id,
+        plus_address=r.get("security", "plus_address", bool, True),
+    )
+    if settings.commands == "dmarc" and not settings.trusted_authserv_id:
+        r.problem(
+            "security.trusted_authserv_id",
+            'required when commands = "dmarc": the authserv-id your own MTA writes in '
+            'Authentication-Results (e.g. "mx.example.test")',
+        )
+    return settings
+
+
 def read_config(path: Path) -> tuple[Settings | None, list[Problem]]:
     """The settings and every problem in the config file. The settings come back despite
     problems whenever the file is TOML (e.g. to find rules/ for `check`); None when not."""
@@ -757,6 +787,7 @@ def read_config(path: Path) -> tuple[Settings | None, list[Problem]]:
         mailboxes=mailboxes,
         metrics=_metrics_settings(r),
         log=_log_settings(r),
+        security=_security_settings(r, requests),
     )
     return settings, r.problems
 

@@ -28,6 +28,7 @@ from mailflow import (
     guard,
     incidents,
     logs,
+    refusals,
     requests,
     senders,
     tracking,
@@ -176,9 +177,14 @@ def _route(
         guard.end(session)
         return Outcome("processed", None, ticket, opened=True)
     inbound.ticket_id = ticket.id
-    tracking.remember(session, ticket, mail.message_id)
+    who = senders.identify(session, desk, ticket, mail)
     guard.on_ticket(session, desk, ticket, mail, inbound, now, new=False)
-    process.on_reply(session, desk, ticket, mail, inbound, now)
+    if not who.on_ticket:  # recorded for the staff, passed on to nobody
+        refusals.stranger(session, desk, ticket, mail, inbound.id, now)
+        guard.end(session)
+        return Outcome("processed", f"{who.address} is not on {ticket.ref}", ticket)
+    tracking.remember(session, ticket, mail.message_id)
+    process.on_reply(session, desk, ticket, mail, inbound, now, who)
     guard.end(session)
     return Outcome("processed", None, ticket)
 

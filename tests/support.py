@@ -179,10 +179,16 @@ def reply(
     keep_subject: bool = True,
     subject: str | None = None,
     quote: bool = True,
-    to: str = DESK,
+    to: str | None = None,
 ) -> bytes:
-    """A reply to a mail we received, quoting it below like Outlook does."""
+    """A reply to a mail we received, quoting it below like Outlook does.
+
+    Like every mail client it goes to the original's Reply-To (which carries the desk's reply
+    token for that recipient), else to the desk; `to` overrides that.
+    """
     msg = parsed(original)
+    if to is None:
+        to = str(msg.get("Reply-To") or DESK)
     message_id = msg["Message-ID"].strip()
     refs = (msg.get("References", "") + " " + message_id).split()
     new_subject = (
