@@ -46,7 +46,7 @@ def unproven(
     first = _first(session, ticket, "unproven", sender.address)
     record(
         session, ticket, "unproven", sender.address, now, f"{cmd.action}: {sender.doubt}",
-        action=cmd.action, text=cmd.text[:4000],
+        command=cmd.action, text=cmd.text[:4000],
     )
     if first:
         notify.queue(
