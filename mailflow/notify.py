@@ -236,7 +236,7 @@ def _addressing(
     if ticket_id is None:
         return message_id or new_message_id(desk.address), reply_to
     token = senders.reply_token(senders.secret(session, desk), ticket_id, recipient)
-    mid = message_id or senders.reply_message_id(desk.address, token, uuid.uuid4().hex)
+    mid = message_id or senders.reply_message_id(desk.address, token, uuid.uuid4().hex[:20])
     if reply_to is None and desk.settings.security.plus_address:
         reply_to = senders.reply_address(desk.address, token)
     return mid, reply_to

@@ -179,7 +179,9 @@ def _route(
     inbound.ticket_id = ticket.id
     who = senders.identify(session, desk, ticket, mail)
     guard.on_ticket(session, desk, ticket, mail, inbound, now, new=False)
-    if not who.on_ticket:  # recorded for the staff, passed on to nobody
+    # Recorded for the staff and passed on to nobody; an approval token's own checks tell
+    # its approver about anyone else who tries it (requests.decide).
+    if not who.on_ticket and not approvals.tokens_in(mail, desk.address):
         refusals.stranger(session, desk, ticket, mail, inbound.id, now)
         guard.end(session)
         return Outcome("processed", f"{who.address} is not on {ticket.ref}", ticket)

@@ -141,6 +141,9 @@ def on_reply(
     if cmd.action in ("approve", "reject"):
         decide(session, desk, ticket, mail, cmd, now)
         return
+    if not who.on_ticket:  # came with an approval token that is not theirs
+        refusals.stranger(session, desk, ticket, mail, inbound.id, now)
+        return
     if not who.proven and not who.may_unproven(cmd.action):
         refusals.unproven(session, desk, ticket, who, cmd, now)
         return

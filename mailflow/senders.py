@@ -50,6 +50,7 @@ from mailflow import lifecycle
 from mailflow.models import KeyValue, Party, Ticket
 
 if TYPE_CHECKING:
+    from mailflow.config import Settings
     from mailflow.desk import Desk
     from mailflow.mail import ParsedMail
 
@@ -311,10 +312,11 @@ def staff_on(desk: Desk, ticket: Ticket) -> set[str]:
 
 
 def roles_on(
-    desk: Desk, ticket: Ticket, address: str, people: dict[str, set[str]] | None = None
+    settings: Settings, ticket: Ticket, address: str, people: dict[str, set[str]] | None = None
 ) -> frozenset[str]:
-    """The roles `address` holds relative to this ticket (lifecycle's role names)."""
-    roles = desk.settings.roles
+    """The roles `address` holds relative to this ticket (lifecycle's role names); `people`
+    are its parties (`parties`)."""
+    roles = settings.roles
     address = address.strip().lower()
     global_roles = roles.of(address)
     held = {"anyone", *(people or {}).get(address, ())}
@@ -329,7 +331,7 @@ def roles_on(
     if global_roles & lifecycle.STAFF_ROLES:
         held.add("staff")
     if ticket.kind == "request":
-        steps = lifecycle.chain(desk.settings, ticket.request_type)
+        steps = lifecycle.chain(settings, ticket.request_type)
         if address in roles.approvers_for(ticket.request_type) or any(
             address in step.approvers for step in steps
         ):
@@ -426,6 +428,6 @@ def prove(
 def identify(session: Session, desk: Desk, ticket: Ticket, mail: ParsedMail) -> Sender:
     """Who the mail is from relative to `ticket`, and whether that is proven."""
     address = mail.from_addr.strip().lower()
-    held = roles_on(desk, ticket, address, parties(session, ticket))
+    held = roles_on(desk.settings, ticket, address, parties(session, ticket))
     proof, doubt = prove(session, desk, ticket, mail)
     return Sender(address, held, on_ticket(desk, ticket, address, held), proof, doubt)

@@ -140,7 +140,7 @@ def make_mail(
     date: datetime | None = None,
 ) -> bytes:
     """A mail as a person's client would send it."""
-    msg = EmailMessage(policy=SMTP)
+    msg = EmailMessage(policy=SMTP.clone(max_line_length=998))  # msg-ids stay unfolded
     msg["From"] = f"{name} <{sender}>" if name else sender
     msg["To"] = to
     if cc:
