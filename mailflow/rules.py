@@ -590,7 +590,24 @@ def _scan(directory: Path) -> tuple[list[Rule], list[Problem]]:
     if not has_default:
         problems.append(Problem(where, "", "no default rule: the last file (e.g. "
                                 "99-default.toml) must have no [match] table"))
+    problems.extend(_label_clashes(rules))
     return rules, problems
+
+
+def _label_clashes(rules: list[Rule]) -> list[Problem]:
+    """Rules of one category must give it one label per language (RuleSet.label is one)."""
+    first: dict[tuple[str, str], Rule] = {}
+    problems = []
+    for rule in rules:
+        for language, text in (rule.label or {}).items():
+            other = first.setdefault((rule.result.category, language), rule)
+            if other.label and other.label[language] != text:
+                problems.append(Problem(
+                    str(rule.path), f"label.{language}",
+                    f"category {rule.result.category!r} is already labelled "
+                    f"{other.label[language]!r} by {other.path.name}; give both the same label",
+                ))
+    return problems
 
 
 def check_rules(directory: Path) -> list[Problem]:
