@@ -189,25 +189,34 @@ class _Weights:
     counts once: SUBJECT_WEIGHT times its weight if it is in the subject, else its weight.
     """
 
-    __slots__ = ("base", "weight", "_finditer")
+    __slots__ = ("base", "weight", "_search")
 
     def __init__(self, weight: dict[str, int], base: int) -> None:
         self.base = base
         self.weight = weight
-        alternatives = (
-            ("(?<![a-z0-9])" if w[0] in _ASCII_WORD else "") + re.escape(w)
-            for w in sorted(weight, key=lambda w: (-len(w), w))
-        )
-        self._finditer = re.compile("|".join(alternatives)).finditer if weight else None
+        self._search = re.compile(_trie_pattern(tuple(weight))).search if weight else None
 
     def score(self, subject: str, text: str) -> int:
         """The score of normalised ``subject`` and ``text`` (subject + "\\n" + body)."""
-        if self._finditer is None:
+        if self._search is None:
             return self.base
-        in_subject = {m.group() for m in self._finditer(subject)}
-        in_body = {m.group() for m in self._finditer(text, len(subject) + 1)} - in_subject
+        in_subject = self._found(subject, 0, len(subject))
+        in_body = self._found(text, len(subject) + 1, len(text)) - in_subject
         return (self.base + SUBJECT_WEIGHT * sum(self.weight[w] for w in in_subject)
                 + sum(self.weight[w] for w in in_body))
+
+    def _found(self, text: str, start: int, end: int) -> set[str]:
+        """The keywords in ``text[start:end]``, longest first at each place, not overlapping."""
+        found: set[str] = set()
+        m = self._search(text, start, end)
+        while m is not None:
+            i = m.start()
+            if text[i] in _ASCII_WORD and i > start and text[i - 1] in _ASCII_WORD:
+                m = self._search(text, i + 1, end)  # not at a word start: look further on
+                continue
+            found.add(m.group())
+            m = self._search(text, m.end(), end)
+        return found
 
 
 _NO_WEIGHTS = _Weights({}, 0)
