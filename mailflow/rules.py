@@ -189,11 +189,13 @@ class _Weights:
     counts once: SUBJECT_WEIGHT times its weight if it is in the subject, else its weight.
     """
 
-    __slots__ = ("base", "weight", "_search")
+    __slots__ = ("base", "floor", "weight", "_search")
 
     def __init__(self, weight: dict[str, int], base: int) -> None:
         self.base = base
         self.weight = weight
+        # the lowest score a mail can get: every negative keyword, in the subject
+        self.floor = base + SUBJECT_WEIGHT * sum(min(w, 0) for w in weight.values())
         self._search = re.compile(_trie_pattern(tuple(weight))).search if weight else None
 
     def score(self, subject: str, text: str) -> int:
@@ -312,22 +314,30 @@ class RuleSet:
     def __repr__(self) -> str:
         return f"RuleSet({[r.name for r in self.rules]!r})"
 
-    def scores(self, subject: str, body: str, sender: str = "") -> list[tuple[Rule, int]]:
-        """The rules that match a new mail, in file order, each with its score."""
+    def _matching(self, subject: str, body: str, sender: str) -> tuple[list[Rule], str, str]:
+        """The rules that match a new mail, in file order, and its normalised subject and text."""
         subj = normalise(subject)
         text = subj + "\n" + normalise(body[:BODY_LIMIT])
         domain = _sender_domain(sender) if self._uses_domain and sender else ""
         memo: dict[_Keywords, bool] = {}
-        return [(rule, rule.score(subj, text)) for rule in self.rules
-                if rule.matches(subj, text, domain, memo)]
+        return [r for r in self.rules if r.matches(subj, text, domain, memo)], subj, text
+
+    def scores(self, subject: str, body: str, sender: str = "") -> list[tuple[Rule, int]]:
+        """The rules that match a new mail, in file order, each with its score."""
+        rules, subj, text = self._matching(subject, body, sender)
+        return [(rule, rule.score(subj, text)) for rule in rules]
 
     def classify(self, subject: str, body: str, sender: str = "") -> Classification:
         """Classify a new mail by the matching rule with the highest score (earliest on a tie).
 
         The default rule always matches, so there is always a rule.
         """
-        best, best_score = self.rules[-1], None
-        for rule, score in self.scores(subject, body, sender):
+        rules, subj, text = self._matching(subject, body, sender)
+        if len(rules) == 2 and rules[0].weights.floor >= rules[1].weights.base:
+            return rules[0].result  # it cannot score below the default, which it precedes
+        best, best_score = rules[-1], None
+        for rule in rules:
+            score = rule.score(subj, text)
             if best_score is None or score > best_score:
                 best, best_score = rule, score
         return best.result
