@@ -185,7 +185,7 @@ class _Weights:
 
     The subject and the body are each scanned once, left to right, longest keyword first at
     each place, so a keyword inside a longer one of the same rule is not counted there:
-    against ``抄表单`` (-3), ``抄表`` (+1) does not count in "打印抄表单".  Each keyword found
+    against ``抄表单`` (-1), ``抄表`` (+1) does not count in "打印抄表单".  Each keyword found
     counts once: SUBJECT_WEIGHT times its weight if it is in the subject, else its weight.
     """
 
