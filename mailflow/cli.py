@@ -83,7 +83,7 @@ def _desk(args: argparse.Namespace, *, daemon: bool = False) -> Any:
 def cmd_run(args: argparse.Namespace) -> int:
     from mailflow.daemon import Daemon
 
-    daemon = Daemon(_desk(args, daemon=True))
+    daemon = Daemon(_desk(args, daemon=not args.once))  # one pass: no endpoint, no jobs
     if args.once:
         result = daemon.run_once()
         print(
