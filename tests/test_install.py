@@ -2,7 +2,8 @@
 environment, then the installed `mailflow` against the test IMAP and SMTP servers.
 
 Slow by nature (it installs the package and its dependencies): one virtual environment for the
-whole module, made once: 17–36 s on a busy 2-core machine with the wheels in pip's cache, the module 40–66 s.
+whole module, made once, 17–36 s on a busy 2-core machine with the wheels in pip's cache (the
+module: 40–66 s).
 
 - The review report and its charts need nothing beyond the default install: a running daemon
   sends last week's report with its chart PNGs inline.
