@@ -16,7 +16,6 @@ import sys
 from collections.abc import Sequence
 from datetime import date
 from pathlib import Path
-from select import POLLERR, POLLOUT, poll
 from typing import Any
 
 from sqlalchemy import func, select
@@ -457,10 +456,12 @@ def _describe(p: argparse.ArgumentParser) -> None:
 def _reader_gone() -> bool:
     """Whether standard output is a pipe whose reader has closed it (poll says POLLERR)."""
     try:
+        from select import POLLERR, POLLOUT, poll  # not on every platform
+
         poller = poll()
         poller.register(sys.stdout.fileno(), POLLOUT)
         return any(events & POLLERR for _, events in poller.poll(0))
-    except (OSError, ValueError, AttributeError):  # no poll, or stdout is no file
+    except (ImportError, OSError, ValueError, AttributeError):  # no poll, or stdout no file
         return False
 
 
