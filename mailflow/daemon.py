@@ -198,7 +198,7 @@ class Daemon:
 
     async def _run_job(self, job: jobs.Job) -> None:
         try:
-            await asyncio.to_thread(job.run, self.desk, self.clock())
+            await asyncio.to_thread(jobs.run, job, self.desk, self.clock())  # alerts
         except Exception:  # noqa: BLE001
             log.exception("job %s failed", job.name)
 

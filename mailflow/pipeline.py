@@ -146,6 +146,8 @@ def _route(
     session: Session, desk: Desk, inbound: Inbound, mail: ParsedMail, now: datetime
 ) -> Outcome:
     """Drop automatic mail, else find the mail's ticket and open one or add the reply."""
+    if not mail.raw_headers:  # not one header: a file that is no mail (junk in a Maildir)
+        return Outcome("ignored", "not a mail message")
     automatic = _automatic(desk, mail)
     if automatic:
         report = guard.delivery_report(session, desk, inbound, now) if mail.auto else None
