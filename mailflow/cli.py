@@ -306,6 +306,9 @@ def cmd_show(args: argparse.Namespace) -> int:
         "resolved_at",
     ):
         print(f"{key:>12}: {data[key]}")
+    for key, value in data["requester_details"].items():  # from the people directory
+        if value and key in ("department", "phone", "location"):
+            print(f"{key:>12}: {value}")
     if data.get("kind") == "request":
         print(f"{'request_type':>12}: {data.get('request_type')}")
         for name, value in (data.get("form") or {}).items():
@@ -320,6 +323,31 @@ def cmd_show(args: argparse.Namespace) -> int:
     print("\nevents:")
     for event in data["events"]:
         print(f"  {event['at']} {event['action']:<12} {event['actor']}  {event['detail'][:80]}")
+    return 0
+
+
+def cmd_people(args: argparse.Namespace) -> int:
+    """`people import FILE`, `people sync`, or list the directory (`people [--json]`)."""
+    from mailflow import people
+
+    desk = _desk(args)
+    if args.action in ("import", "sync"):
+        if args.action == "import":
+            loaded = people.import_csv(desk, Path(args.file), utcnow())
+        else:
+            loaded = people.sync(desk, utcnow())
+        for reason in loaded.skipped:
+            print(f"mailflow: skipped {reason}", file=sys.stderr)
+        print(loaded)
+        return 0
+    with desk.db.sessions() as session:
+        rows = people.listing(session)
+    if args.json:
+        print(json.dumps(rows, ensure_ascii=False))
+        return 0
+    for row in rows:
+        shown = [row[k] or "-" for k in ("name", "department", "phone", "location", "language")]
+        print(f"{row['email']:<32} {'VIP ' if row['vip'] else ''}{'  '.join(shown)}")
     return 0
 
 
@@ -430,6 +458,17 @@ def parser() -> argparse.ArgumentParser:
     show.add_argument("ref", help="the ticket's reference, e.g. INC-42 or REQ-7")
     show.add_argument("--json", action="store_true", help=SHARED_HELP["json"])
     show.set_defaults(func=cmd_show)
+    people = sub.add_parser("people", help="the people directory: list, import a CSV, sync",
+                            description="List the directory, or load it (by email address).")
+    people.add_argument("--json", action="store_true", help=SHARED_HELP["json"])
+    people.set_defaults(func=cmd_people, action=None)
+    actions = people.add_subparsers(dest="action", metavar="ACTION")
+    load = actions.add_parser(
+        "import", help="load people from a CSV file (UTF-8 or GB18030)",
+        description="Header: email,name,department,phone,location (optional: language,vip). "
+                    "Bad rows are named by line and skipped; prints the counts.")
+    load.add_argument("file", help="the CSV file")
+    actions.add_parser("sync", help="load people from the [directory] LDAP server now")
     digest = sub.add_parser("digest", help="build and queue today's digests now")
     digest.add_argument("--dry-run", action="store_true",
                         help="print the digests instead of queueing them")

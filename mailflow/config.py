@@ -236,6 +236,37 @@ class LimitSettings:
     loop_window: timedelta = timedelta(minutes=5)
 
 
+DIRECTORY_ATTRIBUTES = {  # a person's field → the LDAP attribute read (Active Directory's)
+    "email": "mail",
+    "name": "displayName",
+    "department": "department",
+    "phone": "telephoneNumber",
+    "location": "physicalDeliveryOfficeName",
+    "language": "preferredLanguage",
+    "vip": "",  # no attribute by default: VIPs come from the CSV
+}
+
+
+@dataclass(frozen=True)
+class DirectorySettings:
+    """[directory]: the LDAP source of the people directory (on when `url` is set), and
+    whether a VIP requester's incident is raised a priority step (also for CSV people)."""
+
+    url: str = ""  # ldap://dc.example.test or ldaps://…; empty: no LDAP sync
+    bind_dn: str = ""
+    password: str = ""
+    base_dn: str = ""
+    filter: str = "(&(objectClass=person)(mail=*))"
+    attributes: dict[str, str] = field(default_factory=lambda: dict(DIRECTORY_ATTRIBUTES))
+    schedule: timedelta | None = timedelta(hours=1)  # None: only by `mailflow people sync`
+    timeout: float = 30.0
+    vip_raise: bool = False
+
+    @property
+    def enabled(self) -> bool:
+        return bool(self.url)
+
+
 @dataclass(frozen=True)
 class Settings:
     """Everything mailflow reads from config.toml."""
@@ -260,6 +291,7 @@ class Settings:
     metrics: MetricsSettings = field(default_factory=MetricsSettings)
     log: LogSettings = field(default_factory=LogSettings)
     security: SecuritySettings = field(default_factory=SecuritySettings)
+    directory: DirectorySettings = field(default_factory=DirectorySettings)
 
     @property
     def base_dir(self) -> Path:
@@ -613,6 +645,43 @@ def _security_settings(r: _Reader, requests: RequestSettings) -> SecuritySetting
     return settings
 
 
+def _directory_settings(r: _Reader) -> DirectorySettings:
+    """[directory] and [directory.attributes]: the LDAP people source."""
+    attributes = dict(DIRECTORY_ATTRIBUTES)
+    for key, value in r.table("directory.attributes").items():
+        if key not in DIRECTORY_ATTRIBUTES:
+            r.problem(f"directory.attributes.{key}",
+                      f"unknown field; known: {', '.join(DIRECTORY_ATTRIBUTES)}")
+        elif not isinstance(value, str):
+            r.problem(f"directory.attributes.{key}", f"must be an attribute name, got {value!r}")
+        else:
+            attributes[key] = value.strip()
+    settings = DirectorySettings(
+        url=r.get("directory", "url", str, "").strip(),
+        bind_dn=r.get("directory", "bind_dn", str, ""),
+        password=r.secret("directory", "password"),
+        base_dn=r.get("directory", "base_dn", str, ""),
+        filter=r.get("directory", "filter", str, DirectorySettings.filter),
+        attributes=attributes,
+        schedule=r.parsed("directory", "schedule", timedelta(hours=1), _duration_or_off),
+        timeout=r.get("directory", "timeout", float, 30.0),
+        vip_raise=r.get("directory", "vip_raise", bool, False),
+    )
+    if settings.url and not re.match(r"ldaps?://", settings.url):
+        r.problem("directory.url", f"must start with ldap:// or ldaps://, got {settings.url!r}")
+    if settings.url and not settings.base_dn:
+        r.problem("directory.base_dn", "required when url is set: where the people are")
+    if settings.url and not attributes["email"]:
+        r.problem("directory.attributes.email", "required: people are matched by address")
+    if settings.schedule is not None and settings.schedule < timedelta(minutes=1):
+        r.problem("directory.schedule", "must be at least 1m, or \"off\"")
+    return settings
+
+
+def _duration_or_off(value: Any) -> timedelta | None:
+    return None if value == "off" else _duration(value)
+
+
 def read_config(path: Path) -> tuple[Settings | None, list[Problem]]:
     """The settings and every problem in the config file. The settings come back despite
     problems whenever the file is TOML (e.g. to find rules/ for `check`); None when not."""
@@ -788,6 +857,7 @@ def read_config(path: Path) -> tuple[Settings | None, list[Problem]]:
         metrics=_metrics_settings(r),
         log=_log_settings(r),
         security=_security_settings(r, requests),
+        directory=_directory_settings(r),
     )
     return settings, r.problems
 

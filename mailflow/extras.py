@@ -41,12 +41,14 @@ class Feature:
 FEATURES: tuple[Feature, ...] = (
     Feature("metrics.port", lambda s: bool(s.metrics.port), "prometheus_client",
             "the metrics endpoint"),
+    Feature("directory.url", lambda s: s.directory.enabled, "ldap3", "the LDAP people directory"),
 )
 
 # module → (its package, how to install it): the extra that carries it, or the package
 INSTALL: dict[str, tuple[str, str]] = {
     "prometheus_client": ("prometheus-client", "pip install 'mailflow[metrics]'"),
     "psycopg": ("psycopg", "pip install 'mailflow[postgres]'"),
+    "ldap3": ("ldap3", "pip install 'mailflow[ldap]'"),
 }
 
 

@@ -103,6 +103,6 @@ def load_all() -> list[Job]:
     """Import the modules that define jobs, then return them."""
     import importlib
 
-    for module in ("sla_jobs", "requests", "digest", "report"):
+    for module in ("sla_jobs", "requests", "digest", "report", "people"):
         importlib.import_module(f"mailflow.{module}")
     return list(JOBS)

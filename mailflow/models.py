@@ -136,6 +136,10 @@ class Ticket(Base):
     events: Mapped[list[Event]] = relationship(
         back_populates="ticket", order_by="Event.id", cascade="all, delete-orphan"
     )
+    # The requester's directory entry (department, phone, location), read when shown.
+    requester_person: Mapped[Person | None] = relationship(
+        primaryjoin="foreign(Ticket.requester) == Person.address", viewonly=True
+    )
 
     @property
     def ref(self) -> str:
@@ -186,7 +190,9 @@ class Party(Base):
 
 
 class Person(Base):
-    """Someone who wrote to the desk (the requester's details, 维护用户信息)."""
+    """Someone the desk knows: who wrote to it, or who the directory lists (the requester's
+    details, 维护用户信息). `first_seen`/`last_seen`: when the desk first and last heard of
+    them, by mail or by a directory load; `source` says where the details came from."""
 
     __tablename__ = "people"
 
@@ -194,6 +200,13 @@ class Person(Base):
     name: Mapped[str | None] = mapped_column(String(300))
     first_seen: Mapped[datetime] = mapped_column(UTCDateTime)
     last_seen: Mapped[datetime] = mapped_column(UTCDateTime)
+    department: Mapped[str | None] = mapped_column(String(200))
+    phone: Mapped[str | None] = mapped_column(String(100))
+    location: Mapped[str | None] = mapped_column(String(200))
+    language: Mapped[str | None] = mapped_column(String(35))  # a BCP 47 tag: zh-CN, en
+    vip: Mapped[bool] = mapped_column(Boolean, default=False, server_default="0")
+    source: Mapped[str] = mapped_column(String(10), default="mail", server_default="mail")
+    synced_at: Mapped[datetime | None] = mapped_column(UTCDateTime)  # last csv/ldap load
 
 
 class Outbox(Base):

@@ -36,7 +36,7 @@ from mailflow import (
 from mailflow.desk import Desk
 from mailflow.mail import MESSAGE_ID_LIMIT, ParsedMail
 from mailflow.mailboxes import with_mailbox_defaults
-from mailflow.models import Inbound, Ticket
+from mailflow.models import Inbound, Person, Ticket
 from mailflow.tickets import open_ticket, record
 
 log = logging.getLogger(__name__)
@@ -167,7 +167,8 @@ def _route(
     else:
         parent = None
     if ticket is None:
-        found = desk.rules.classify(mail.subject, mail.text, mail.from_addr)
+        found = desk.rules.classify(
+            mail.subject, mail.text, mail.from_addr, session.get(Person, mail.from_addr))
         found = with_mailbox_defaults(desk, inbound.mailbox, found)
         ticket = open_ticket(session, desk, mail, inbound, found, now)
         if parent is not None:

@@ -17,7 +17,7 @@ import weakref
 from dataclasses import dataclass
 from email.utils import parseaddr
 from pathlib import Path
-from typing import Any
+from typing import Any, Protocol
 
 from mailflow.errors import RuleError
 
@@ -37,7 +37,8 @@ WEIGHTS = {"strong": 3, "against": -1}
 _TOP_KEYS = ("description", "label", "match", "score", "set")
 _SCORE_KEYS = (*WEIGHTS, "base")
 _KEYWORD_KEYS = ("any", "subject_any", "all", "none")
-_MATCH_KEYS = (*_KEYWORD_KEYS, "regex", "from_domain")
+_PERSON_KEYS = ("department", "location")  # the requester's, from the people directory
+_MATCH_KEYS = (*_KEYWORD_KEYS, "regex", "from_domain", *_PERSON_KEYS)
 _SET_KEYS = ("kind", "category", "priority", "tier", "major", "desktop", "request_type")
 _NAME_RE = re.compile(r"[a-z][a-z0-9_-]*")
 _DOMAIN_RE = re.compile(r"[a-z0-9]([a-z0-9-]*[a-z0-9])?(\.[a-z0-9]([a-z0-9-]*[a-z0-9])?)*")
@@ -60,6 +61,19 @@ def normalise(text: str) -> str:
     if not unicodedata.is_normalized("NFKC", text):
         text = unicodedata.normalize("NFKC", text)
     return text.casefold()
+
+
+class Requester(Protocol):
+    """Who a new mail is from, as the people directory knows them (models.Person)."""
+
+    department: str | None
+    location: str | None
+
+
+def _who(person: Requester | None) -> dict[str, str]:
+    """The requester's normalised department and location ('' when unknown)."""
+    return {key: " ".join(normalise(getattr(person, key, None) or "").split())
+            for key in _PERSON_KEYS}
 
 
 @dataclass(frozen=True)
@@ -241,18 +255,26 @@ class Rule:
     none: _Keywords | None = None
     regex: re.Pattern[str] | None = None
     from_domain: tuple[str, ...] | None = None
+    department: tuple[str, ...] | None = None
+    location: tuple[str, ...] | None = None
 
     def score(self, subject: str, text: str) -> int:
         """How strongly normalised ``subject`` and ``text`` are about this rule."""
         return self.weights.score(subject, text)
 
-    def matches(self, subject: str, text: str, domain: str, memo: dict[_Keywords, bool]) -> bool:
-        """Test normalised ``subject``, normalised ``subject + "\\n" + body`` and ``domain``.
+    def matches(self, subject: str, text: str, domain: str, memo: dict[_Keywords, bool],
+                who: dict[str, str] | None = None) -> bool:
+        """Test normalised ``subject``, normalised ``subject + "\\n" + body``, ``domain``
+        and ``who`` (the requester's normalised department and location).
 
         ``memo`` caches keyword-list results for one mail across rules.
         """
         if self.catch_all:
             return True
+        for key in _PERSON_KEYS:
+            wanted = getattr(self, key)
+            if wanted is not None and (who or {}).get(key, "") not in wanted:
+                return False
         if self.from_domain is not None and not any(
             domain == d or domain.endswith("." + d) for d in self.from_domain
         ):
@@ -314,25 +336,31 @@ class RuleSet:
     def __repr__(self) -> str:
         return f"RuleSet({[r.name for r in self.rules]!r})"
 
-    def _matching(self, subject: str, body: str, sender: str) -> tuple[list[Rule], str, str]:
+    def _matching(
+        self, subject: str, body: str, sender: str, person: Requester | None = None
+    ) -> tuple[list[Rule], str, str]:
         """The rules that match a new mail, in file order, and its normalised subject and text."""
         subj = normalise(subject)
         text = subj + "\n" + normalise(body[:BODY_LIMIT])
         domain = _sender_domain(sender) if self._uses_domain and sender else ""
         memo: dict[_Keywords, bool] = {}
-        return [r for r in self.rules if r.matches(subj, text, domain, memo)], subj, text
+        who = _who(person) if person is not None else None
+        return [r for r in self.rules if r.matches(subj, text, domain, memo, who)], subj, text
 
-    def scores(self, subject: str, body: str, sender: str = "") -> list[tuple[Rule, int]]:
+    def scores(self, subject: str, body: str, sender: str = "",
+               person: Requester | None = None) -> list[tuple[Rule, int]]:
         """The rules that match a new mail, in file order, each with its score."""
-        rules, subj, text = self._matching(subject, body, sender)
+        rules, subj, text = self._matching(subject, body, sender, person)
         return [(rule, rule.score(subj, text)) for rule in rules]
 
-    def classify(self, subject: str, body: str, sender: str = "") -> Classification:
-        """Classify a new mail by the matching rule with the highest score (earliest on a tie).
+    def classify(self, subject: str, body: str, sender: str = "",
+                 person: Requester | None = None) -> Classification:
+        """Classify a new mail by the matching rule with the highest score (earliest on a tie);
+        ``person`` (the requester's directory entry) is what department/location rules test.
 
         The default rule always matches, so there is always a rule.
         """
-        rules, subj, text = self._matching(subject, body, sender)
+        rules, subj, text = self._matching(subject, body, sender, person)
         if len(rules) == 2 and rules[0].weights.floor >= rules[1].weights.base:
             return rules[0].result  # it cannot score below the default, which it precedes
         best, best_score = rules[-1], None
@@ -451,6 +479,10 @@ def _parse_match(c: _Checker, match: dict[str, Any]) -> dict[str, Any]:
             c.add("match.from_domain", f"not a domain name: {', '.join(map(repr, bad))}")
         else:
             fields["from_domain"] = norm
+    for key in _PERSON_KEYS:
+        names = c.word_list(match, key)
+        if names is not None:
+            fields[key] = tuple(" ".join(normalise(n).split()) for n in names)
     return fields
 
 

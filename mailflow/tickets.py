@@ -83,6 +83,18 @@ def remember_person(session: Session, address: str, name: str, now: datetime) ->
         )
 
 
+VIP_RAISE = {"P4": "P3", "P3": "P2", "P2": "P1"}  # one step up for a VIP; P1 stays P1
+
+
+def vip_priority(session: Session, desk: Desk, found: Classification, requester: str) -> str:
+    """The rule's priority, one step higher for a VIP requester when `[directory] vip_raise`."""
+    if not desk.settings.directory.vip_raise:
+        return found.priority
+    person = session.get(Person, requester)
+    return VIP_RAISE.get(found.priority, found.priority) if person and person.vip else (
+        found.priority)
+
+
 def open_ticket(
     session: Session,
     desk: Desk,
@@ -94,11 +106,13 @@ def open_ticket(
     """A new ticket from a mail, classified; the first event says which rule decided."""
     incident = found.kind == "incident"
     tier = ("L2" if found.major else found.tier or "L1") if incident else None
+    priority = vip_priority(session, desk, found, mail.from_addr)
+    raised = {"vip_raised_from": found.priority} if priority != found.priority else {}
     ticket = Ticket(
         kind=found.kind,
         number=next_number(session, found.kind),
         status="open" if incident else "pending_approval",
-        priority=found.priority,
+        priority=priority,
         category=found.category,
         tier=tier,
         major=found.major if incident else False,
@@ -114,8 +128,8 @@ def open_ticket(
         updated_at=now,
     )
     if incident:
-        ticket.due_at = desk.due(found.priority, now, "resolve")
-        ticket.response_due_at = desk.due(found.priority, now, "response")
+        ticket.due_at = desk.due(priority, now, "resolve")
+        ticket.response_due_at = desk.due(priority, now, "response")
     session.add(ticket)
     session.flush()
     inbound.ticket_id = ticket.id
@@ -128,12 +142,14 @@ def open_ticket(
         "opened",
         mail.from_addr,
         now,
-        f"{found.kind} {found.category} {found.priority} tier={tier} rule={found.rule}",
+        f"{found.kind} {found.category} {priority} tier={tier} rule={found.rule}"
+        + (f" (VIP requester: {found.priority} → {priority})" if raised else ""),
         rule=found.rule,
         category=found.category,
-        priority=found.priority,
+        priority=priority,
         tier=tier,
         major=ticket.major,
+        **raised,
     )
     return ticket
 
@@ -262,6 +278,18 @@ def as_json(session: Session, ticket: Ticket, messages: int | None = None) -> di
     }
 
 
+def requester_details(person: Person | None) -> dict[str, Any]:
+    """What the people directory says of the requester (`show --json`); nulls when unknown."""
+    return {
+        "name": person.name if person else None,
+        "department": person.department if person else None,
+        "phone": person.phone if person else None,
+        "location": person.location if person else None,
+        "language": person.language if person else None,
+        "vip": bool(person.vip) if person else False,
+    }
+
+
 def detail_json(session: Session, ticket: Ticket) -> dict[str, Any]:
     """`show REF --json`: the ticket plus every mail in and out and every event.
 
@@ -310,6 +338,7 @@ def detail_json(session: Session, ticket: Ticket) -> dict[str, Any]:
     people = senders.parties(session, ticket)
     data["watchers"] = sorted(a for a, roles in people.items() if "watcher" in roles)
     data["vendor"] = next((a for a, roles in sorted(people.items()) if "vendor" in roles), None)
+    data["requester_details"] = requester_details(ticket.requester_person)
     data["interactions"] = [item[3] for item in interactions]
     data["events"] = [
         {"at": _iso(e.at), "action": e.action, "actor": e.actor, "detail": e.detail}
