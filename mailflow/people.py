@@ -235,11 +235,12 @@ def _ldap_entries(settings: DirectorySettings) -> Iterator[dict[str, Any]]:
     from ldap3.core.exceptions import LDAPException
 
     wanted = sorted({a for a in settings.attributes.values() if a})
+    timeout = max(1, round(settings.timeout))  # ldap3 packs socket timeouts as integers
     try:
-        server = ldap3.Server(settings.url, connect_timeout=settings.timeout, get_info=ldap3.NONE)
+        server = ldap3.Server(settings.url, connect_timeout=timeout, get_info=ldap3.NONE)
         connection = ldap3.Connection(
             server, user=settings.bind_dn or None, password=settings.password or None,
-            auto_bind=True, read_only=True, receive_timeout=settings.timeout,
+            auto_bind=True, read_only=True, receive_timeout=timeout,
         )
         with connection:
             for found in connection.extend.standard.paged_search(

@@ -9,9 +9,10 @@ from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
+from ldapserver import Slapd
 from servers import Dovecot, Mailbox, SmtpSink
 
-# -- mail servers (tests/servers.py) ------------------------------------------------------
+# -- mail and directory servers (tests/servers.py, tests/ldapserver.py) -------------------
 
 _mailbox_numbers = itertools.count(1)
 
@@ -27,6 +28,21 @@ def dovecot() -> Iterator[Dovecot]:
     except RuntimeError as exc:
         shutil.rmtree(root, ignore_errors=True)
         pytest.fail(f"cannot start the test IMAP server: {exc}", pytrace=False)
+    yield server
+    server.stop()
+    shutil.rmtree(root, ignore_errors=True)
+
+
+@pytest.fixture(scope="session")
+def slapd() -> Iterator[Slapd]:
+    """One private OpenLDAP server for the whole run; fails (never skips) if missing."""
+    root = Path(tempfile.mkdtemp(prefix="mailflow-slapd-"))
+    server = Slapd(root)
+    try:
+        server.start()
+    except RuntimeError as exc:
+        shutil.rmtree(root, ignore_errors=True)
+        pytest.fail(f"cannot start the test LDAP server: {exc}", pytrace=False)
     yield server
     server.stop()
     shutil.rmtree(root, ignore_errors=True)
