@@ -39,10 +39,10 @@ def done(desk) -> int:
 def test_a_running_daemon_serves_the_desks_figures(tmp_path, mailbox, smtp, monkeypatch, capsys):
     real = RuleSet.classify
 
-    def classify(self, subject, body, sender=""):
+    def classify(self, subject, body, sender="", person=None):
         if "POISON" in subject:
             raise RuntimeError("rule engine bug")
-        return real(self, subject, body, sender)
+        return real(self, subject, body, sender, person)
 
     monkeypatch.setattr(RuleSet, "classify", classify)
     port = free_port()

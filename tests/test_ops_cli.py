@@ -45,10 +45,10 @@ def poison(monkeypatch):
     """Mail whose subject says POISON makes classification fail (a bug, fixed by undo())."""
     real = RuleSet.classify
 
-    def classify(self, subject, body, sender=""):
+    def classify(self, subject, body, sender="", person=None):
         if "POISON" in subject:
             raise RuntimeError("rule engine bug")
-        return real(self, subject, body, sender)
+        return real(self, subject, body, sender, person)
 
     monkeypatch.setattr(RuleSet, "classify", classify)
     return lambda: monkeypatch.setattr(RuleSet, "classify", real)

@@ -153,10 +153,10 @@ def test_a_poison_message_is_quarantined_and_the_rest_go_through(
 ):
     real = RuleSet.classify
 
-    def classify(self, subject, body, sender=""):
+    def classify(self, subject, body, sender="", person=None):
         if "POISON" in subject:
             raise RuntimeError("rule engine bug")
-        return real(self, subject, body, sender)
+        return real(self, subject, body, sender, person)
 
     monkeypatch.setattr(RuleSet, "classify", classify)
     tickets = three_mails_the_second_poisoned(desk, mailbox, clock, capsys)
