@@ -10,6 +10,7 @@ from typing import TYPE_CHECKING, Any
 from sqlalchemy import bindparam, func, insert, select, update
 from sqlalchemy.exc import SQLAlchemyError
 from sqlalchemy.orm import Session
+from sqlalchemy.orm.attributes import set_committed_value
 
 from mailflow import lifecycle, senders, tracking
 from mailflow.models import Counter, Event, Inbound, Outbox, Party, Person, Ticket
@@ -86,13 +87,11 @@ def remember_person(session: Session, address: str, name: str, now: datetime) ->
 VIP_RAISE = {"P4": "P3", "P3": "P2", "P2": "P1"}  # one step up for a VIP; P1 stays P1
 
 
-def vip_priority(session: Session, desk: Desk, found: Classification, requester: str) -> str:
+def vip_priority(desk: Desk, found: Classification, person: Person | None) -> str:
     """The rule's priority, one step higher for a VIP requester when `[directory] vip_raise`."""
-    if not desk.settings.directory.vip_raise:
-        return found.priority
-    person = session.get(Person, requester)
-    return VIP_RAISE.get(found.priority, found.priority) if person and person.vip else (
-        found.priority)
+    if desk.settings.directory.vip_raise and person is not None and person.vip:
+        return VIP_RAISE.get(found.priority, found.priority)
+    return found.priority
 
 
 def open_ticket(
@@ -106,7 +105,8 @@ def open_ticket(
     """A new ticket from a mail, classified; the first event says which rule decided."""
     incident = found.kind == "incident"
     tier = ("L2" if found.major else found.tier or "L1") if incident else None
-    priority = vip_priority(session, desk, found, mail.from_addr)
+    person = session.get(Person, mail.from_addr)  # the classifying step loaded it already
+    priority = vip_priority(desk, found, person)
     raised = {"vip_raised_from": found.priority} if priority != found.priority else {}
     ticket = Ticket(
         kind=found.kind,
@@ -132,6 +132,7 @@ def open_ticket(
         ticket.response_due_at = desk.due(priority, now, "response")
     session.add(ticket)
     session.flush()
+    set_committed_value(ticket, "requester_person", person)  # the notices read no row again
     inbound.ticket_id = ticket.id
     tracking.remember(session, ticket, mail.message_id)
     remember_person(session, mail.from_addr, mail.from_name, now)
