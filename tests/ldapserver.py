@@ -26,6 +26,7 @@ ADMIN_DN = f"cn=admin,{SUFFIX}"
 ADMIN_PASSWORD = "admin-secret"
 SERVICE_DN = f"cn=mailflow,{SUFFIX}"  # the desk's read-only bind account
 SERVICE_PASSWORD = "service-secret"
+SIZE_LIMIT = 3  # entries one search answer (or one page) may hold for a bound user
 SCHEMAS = Path("/etc/ldap/schema")
 MODULES = Path("/usr/lib/ldap")
 
@@ -52,6 +53,8 @@ suffix "{suffix}"
 rootdn "{admin}"
 rootpw {password}
 directory {root}/data
+# Like Active Directory's MaxPageSize (1000), a small cap: only a paged search sees everyone
+limits users size.soft={size_limit} size.hard={size_limit} size.prtotal=unlimited
 index objectClass,mail eq
 access to attrs=userPassword by anonymous auth by * none
 access to * by users read by * none
@@ -96,7 +99,7 @@ class Slapd:
         self.port = free_port(self.host)
         self.conf.write_text(CONFIG.format(
             schemas=SCHEMAS, modules=MODULES, root=self.root, suffix=SUFFIX, admin=ADMIN_DN,
-            password=ADMIN_PASSWORD,
+            password=ADMIN_PASSWORD, size_limit=SIZE_LIMIT,
         ))
         started = time.monotonic()
         with self.log.open("wb") as log:

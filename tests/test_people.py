@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import json
 import shutil
+import subprocess
 import sys
 from datetime import timedelta
 
@@ -189,6 +190,25 @@ def test_people_sync_reads_the_directory_over_ldap(tmp_path, slapd, monkeypatch,
 
     # A second sync updates, it does not duplicate.
     assert run_cli(capsys, config, "people", "sync")[:2] == (0, "added 0, updated 2, skipped 0\n")
+
+
+def test_a_directory_larger_than_the_servers_size_limit_is_read_page_by_page(
+    tmp_path, slapd, monkeypatch, capsys
+):
+    from ldapserver import SIZE_LIMIT
+
+    unit = slapd.unit()
+    for n in range(SIZE_LIMIT * 2 + 1):
+        slapd.add_person(unit, f"user{n}", mail=f"user{n}@example.test", department="营销部")
+    config = ldap_config(tmp_path, slapd, unit, monkeypatch)
+    unpaged = subprocess.run(
+        ["ldapsearch", "-x", "-H", slapd.url, "-D", "cn=mailflow,dc=example,dc=test",
+         "-w", "service-secret", "-b", unit, "(mail=*)", "mail"],
+        capture_output=True, text=True, timeout=30, check=False)
+    assert "Size limit exceeded" in unpaged.stdout + unpaged.stderr  # the server caps answers
+    monkeypatch.setattr(people, "PAGE_SIZE", SIZE_LIMIT)
+    code, out, _ = run_cli(capsys, config, "people", "sync")
+    assert (code, out) == (0, f"added {SIZE_LIMIT * 2 + 1}, updated 0, skipped 0\n")
 
 
 def test_a_wrong_password_or_server_fails_in_one_sentence(tmp_path, slapd, monkeypatch, capsys):
