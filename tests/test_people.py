@@ -396,3 +396,21 @@ def test_vip_requesters_are_raised_one_step_when_configured(
         due = desk.due(expected, clock(), "resolve")
         assert shown["due_at"] == due.isoformat().replace("+00:00", "Z")
     desk.close()
+
+
+def test_check_names_each_directory_problem_by_key(tmp_path, capsys):
+    config = desk_config(tmp_path, directory={
+        "url": "dc1.example.test", "schedule": "soon", "attributes": {"office": "l"},
+    })
+    code, out, _ = run_cli(capsys, config, "check")
+    assert code == 1
+    for key, says in (("directory.url", "must start with ldap:// or ldaps://"),
+                      ("directory.base_dn", "required when url is set"),
+                      ("directory.schedule", ""),
+                      ("directory.attributes.office", "unknown field; known: email, name")):
+        assert f"config.toml: {key}: {says}" in out
+    off = desk_config(tmp_path, directory={"url": "ldaps://dc1.example.test", "base_dn": "dc=x",
+                                           "schedule": "off"})
+    assert run_cli(capsys, off, "check")[0] == 0
+    job = next(j for j in jobs.load_all() if j.name == "directory_sync")
+    assert not job.enabled(load_config(off))  # synced only by `mailflow people sync`
