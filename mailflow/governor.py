@@ -4,18 +4,18 @@ processed?
 Policy is data: `[limits]` in config.toml and the rows of `suppressions`, `auto_replies` and
 `alerts` (migration 0005).
 
-- Automatic replies: a mail queued while an inbound mail is processed, *to that mail's
-  sender*, is an automatic reply (acknowledgement, refusal …). `may_mail` counts them per
-  sender and per ticket over the last hour; above `[limits] auto_replies_per_*_per_hour` they
-  are withheld, the ticket records it and the service desk lead gets one alert per episode.
-- Loops (`loop_detection`): a mail taken for an auto-responder's answer gets no automatic
-  reply; it is still recorded.
-- Storms through third parties: two auto-responders can answer each other *through* the desk
-  (A's answer is mailed to B, whose answer is mailed to A …), which the caps above, counting
-  mail back to the sender, never see. So the mail the desk queues to anyone else while
-  processing inbound mail is bounded too: at most `[limits] mails_per_ticket_per_hour` on one
-  ticket, and nothing more from a sender whose new mails were taken for an auto-responder's
-  answer twice within the hour. Withheld mail is recorded and the lead alerted once.
+- Loops (`loop_detection`) are told by what they look like, not by how much someone writes:
+  a mail that answers ours at machine speed gets no automatic reply, and one whose signals
+  mark a machine (answering every mail of ours within minutes, the same text, a subject
+  with a counter, a regular beat) causes no mail to anyone. The ticket records what was
+  withheld and the service desk lead gets one alert per episode (`loop:<sender>`). This
+  stops both an auto-responder answering us and two auto-responders answering each other
+  *through* the desk (A's answer mailed to B, whose answer is mailed to A …).
+- Automatic replies (a mail to the sender of the mail in hand: acknowledgement, refusal …)
+  are capped as a safety net, per sender per hour and per day and per ticket per hour,
+  counted by when each mail was *written* (its Date, clipped to arrival): a person's ten
+  reports in an hour, or a weekend's mail drained after an outage, are all answered.
+- Mail to anyone else on one ticket is capped at `[limits] mails_per_ticket_per_hour`.
 - Suppressed addresses (`bounces`) get nothing; the desk's own addresses neither.
 """
 
@@ -28,9 +28,8 @@ from typing import TYPE_CHECKING
 from sqlalchemy import bindparam, func, insert, or_, select
 from sqlalchemy.orm import Session
 
-from mailflow import bounces, mail_in_hand
+from mailflow import bounces, loop_detection, mail_in_hand
 from mailflow.alerts import alert
-from mailflow.loop_detection import LOOP_SUSPECTED, loop_reason
 from mailflow.mail import ParsedMail
 from mailflow.mail_in_hand import InHand
 from mailflow.models import AutoReply, Inbound, Outbox, Ticket
@@ -44,6 +43,7 @@ if TYPE_CHECKING:
 log = logging.getLogger(__name__)
 
 HOUR = timedelta(hours=1)
+DAY = timedelta(days=1)
 
 
 def begin(session: Session, mail: ParsedMail, inbound: Inbound, now: datetime) -> InHand:
@@ -62,12 +62,11 @@ def on_ticket(
     session: Session, desk: Desk, ticket: Ticket, mail: ParsedMail, inbound: Inbound,
     now: datetime, new: bool,
 ) -> None:
-    """The mail's ticket is known: count replies on it, note a loop, record omissions."""
+    """The mail's ticket is known: judge whether a machine wrote it, record omissions."""
     ctx = mail_in_hand.current(session)
     if ctx is not None:
         ctx.ticket, ctx.new = ticket, new
-        if new:
-            ctx.quiet = loop_reason(session, desk, ctx)
+        _judge(session, desk, ctx, mail, now)
     left_out = omitted_text(mail)
     if not left_out:
         return
@@ -76,11 +75,31 @@ def on_ticket(
     record(session, ticket, "omitted", SYSTEM, now, left_out, inbound_id=inbound.id)
 
 
+def _judge(session: Session, desk: Desk, ctx: InHand, mail: ParsedMail, now: datetime) -> None:
+    """Set what goes out for the mail in hand; a machine's mail alerts the lead at once."""
+    limits = desk.settings.limits
+    verdict = loop_detection.verdict(session, limits, ctx, mail.subject, mail.new_text)
+    ctx.quiet = verdict.quiet
+    if verdict.machine is None or ctx.ticket is None:
+        return
+    ctx.held = f"{ctx.sender}: {verdict.machine}: nobody is mailed about it"
+    record(session, ctx.ticket, "loop_suspected", SYSTEM, now, ctx.held, sender=ctx.sender)
+    log.warning("%s: %s", ctx.ticket.ref, ctx.held)
+    key = f"loop:{ctx.sender}"
+    ctx.alerted.add(key)
+    alert(session, desk, key, f"{ctx.ticket.ref}: {ctx.held}", now)
+
+
 # Built once (building costs as much as running), run on the session's connection.
 _MINE = AutoReply.address == bindparam("sender")
 _OURS = AutoReply.ticket_id == bindparam("ticket_id")  # NULL (no ticket) matches nothing
-_SENT_SINCE = select(func.count().filter(_MINE), func.count().filter(_OURS)).where(
-    or_(_MINE, _OURS), AutoReply.outcome == "sent", AutoReply.at > bindparam("since")
+_THIS_HOUR = AutoReply.at > bindparam("hour")
+_SENT_SINCE = select(
+    func.count().filter(_MINE, _THIS_HOUR), func.count().filter(_MINE),
+    func.count().filter(_OURS, _THIS_HOUR),
+).where(
+    or_(_MINE, _OURS), AutoReply.outcome == "sent",
+    AutoReply.at > bindparam("day"), AutoReply.at <= bindparam("at"),
 )
 _INSERT_AUTO_REPLY = insert(AutoReply)
 
@@ -110,31 +129,18 @@ def may_mail(session: Session, desk: Desk, address: str, now: datetime) -> bool:
 _TICKET_MAIL_SINCE = select(func.count(Outbox.id)).where(
     Outbox.ticket_id == bindparam("ticket_id"), Outbox.created_at > bindparam("since")
 )
-_LOOPS_SINCE = select(func.count(AutoReply.id)).where(
-    AutoReply.address == bindparam("sender"),
-    AutoReply.outcome == "withheld",
-    AutoReply.reason.startswith(LOOP_SUSPECTED),
-    AutoReply.inbound_id != bindparam("inbound_id"),
-    AutoReply.at > bindparam("since"),
-)
 
 
 def _fan_out(session: Session, desk: Desk, ctx: InHand, address: str, now: datetime) -> bool:
-    """Allow or withhold a mail to someone other than the sender in hand (see the module
-    docstring: storms through third parties)."""
+    """Allow or withhold a mail to someone other than the sender in hand: nothing about a
+    machine's mail, and at most mails_per_ticket_per_hour on its ticket."""
     if ctx.ticket is None:
         return True
-    connection, key = session.connection(), None
+    key = None
     if ctx.fan_out is None:  # counted once per mail; a ticket it opened has none yet
-        since = now - HOUR
-        ctx.fan_out = 0 if ctx.new else connection.scalar(
-            _TICKET_MAIL_SINCE, {"ticket_id": ctx.ticket.id, "since": since}
+        ctx.fan_out = 0 if ctx.new else session.connection().scalar(
+            _TICKET_MAIL_SINCE, {"ticket_id": ctx.ticket.id, "since": now - HOUR}
         ) or 0
-        if ctx.quiet is not None and connection.scalar(
-            _LOOPS_SINCE, {"sender": ctx.sender, "inbound_id": ctx.inbound_id, "since": since}
-        ):
-            ctx.held = f"{ctx.quiet}, again within the hour: nobody else is mailed about it"
-            key = f"loop:{ctx.sender}"
     cap = desk.settings.limits.mails_per_ticket_per_hour
     if ctx.held is None and ctx.fan_out >= cap:
         ctx.held = (
@@ -153,41 +159,42 @@ def _fan_out(session: Session, desk: Desk, ctx: InHand, address: str, now: datet
     return False
 
 
-def _sent_last_hour(
-    session: Session, sender: str, ticket_id: int | None, now: datetime
-) -> tuple[int, int]:
-    """Automatic replies sent in the last hour to the sender, and on the ticket: one query."""
-    params = {"sender": sender, "ticket_id": ticket_id, "since": now - HOUR}
-    to_sender, on_ticket = session.connection().execute(_SENT_SINCE, params).one()
-    return to_sender, on_ticket
+def _cap_reason(
+    session: Session, desk: Desk, ctx: InHand, at: datetime
+) -> tuple[str, str] | None:
+    """The safety-net cap an automatic reply to a mail written at `at` would pass, with its
+    alert key; None within them all. Counted by when each mail was written: one query."""
+    ticket = ctx.ticket
+    params = {"sender": ctx.sender, "ticket_id": ticket.id if ticket is not None else None,
+              "at": at, "hour": at - HOUR, "day": at - DAY}
+    hour, day, on_ticket = session.connection().execute(_SENT_SINCE, params).one()
+    caps = [  # (replies counted, [limits] key, where, alert key), in the order checked
+        (hour, "auto_replies_per_sender_per_hour", f"to {ctx.sender} within the hour",
+         f"cap:sender:{ctx.sender}"),
+        (day, "auto_replies_per_sender_per_day", f"to {ctx.sender} within the day",
+         f"cap:sender:{ctx.sender}"),
+    ]
+    if ticket is not None:
+        caps.append((on_ticket, "auto_replies_per_ticket_per_hour",
+                     f"on {ticket.ref} within the hour", f"cap:ticket:{ticket.ref}"))
+    for count, key, where, alert_key in caps:
+        cap = getattr(desk.settings.limits, key)
+        if count >= cap:
+            return f"{count} automatic replies {where} (limits.{key} = {cap})", alert_key
+    return None
 
 
 def _automatic_reply(session: Session, desk: Desk, ctx: InHand, now: datetime) -> bool:
     """Allow (and count) or withhold one automatic reply to the sender in hand."""
-    limits = desk.settings.limits
     ticket_id = ctx.ticket.id if ctx.ticket is not None else None
+    at = loop_detection.written_at(ctx.date, ctx.received_at or now, desk.settings.limits)
     why, key = ctx.quiet, None
     if why is None:
-        to_sender, on_ticket = _sent_last_hour(session, ctx.sender, ticket_id, now)
-        if to_sender >= limits.auto_replies_per_sender_per_hour:
-            why = (
-                f"{to_sender} automatic replies to {ctx.sender} in the last hour "
-                f"(limits.auto_replies_per_sender_per_hour = "
-                f"{limits.auto_replies_per_sender_per_hour})"
-            )
-            key = f"cap:sender:{ctx.sender}"
-        elif ticket_id is not None and on_ticket >= limits.auto_replies_per_ticket_per_hour:
-            assert ctx.ticket is not None
-            why = (
-                f"{on_ticket} automatic replies on {ctx.ticket.ref} in the last hour "
-                f"(limits.auto_replies_per_ticket_per_hour = "
-                f"{limits.auto_replies_per_ticket_per_hour})"
-            )
-            key = f"cap:ticket:{ctx.ticket.ref}"
+        why, key = _cap_reason(session, desk, ctx, at) or (None, None)
     session.connection().execute(
         _INSERT_AUTO_REPLY,
         {"address": ctx.sender, "ticket_id": ticket_id, "inbound_id": ctx.inbound_id,
-         "at": now, "outcome": "withheld" if why else "sent", "reason": why},
+         "at": at, "outcome": "withheld" if why else "sent", "reason": why},
     )
     if why is None:
         return True
