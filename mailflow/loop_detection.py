@@ -15,16 +15,17 @@ backlog drained after an outage answers nothing and is never taken for a loop.
   it to anyone; the governor records that and alerts the lead.
 
 Signals (each on a mail that answers ours, against the sender's earlier mails):
-`answered_before` (the previous one answered our mail too), `same_text` (normalised text as
-similar as `same_text`), `counted_subject` (the same subject but for its numbers),
-`regular_timing` (the last three intervals within `regular_spread` of their mean).
+`answered_before` (the previous one answered our mail too), `same_text` (subject and text,
+normalised, as similar as `same_text` to an earlier mail's), `counted_subject` (the same
+subject but for its numbers), `regular_timing` (the last three intervals within
+`regular_spread` of their mean).
 """
 
 from __future__ import annotations
 
 import re
 import unicodedata
-from bisect import bisect_right
+from bisect import bisect_left, bisect_right
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from datetime import datetime, timedelta
@@ -55,6 +56,7 @@ class Written:
     """One mail as the detector sees it: when it was written, its subject and new text."""
 
     at: datetime
+    arrived: datetime
     subject: str
     text: str
 
@@ -108,14 +110,17 @@ def regular(times: Sequence[datetime], spread: float) -> bool:
     return mean > 0 and max(gaps) - min(gaps) <= spread * mean
 
 
-def answered(at: datetime, sent: Sequence[datetime], window: timedelta) -> datetime | None:
-    """Our mail (of `sent`, oldest first) that a mail written at `at` answers within
-    `window`, else None. A mail dated up to DATE_SKEW before ours may still answer it."""
-    i = bisect_right(sent, at + DATE_SKEW)
+def answered(mail: Written, sent: Sequence[datetime], window: timedelta) -> datetime | None:
+    """Our mail (of `sent`, oldest first) that `mail` answers within `window`, else None.
+
+    A mail dated up to DATE_SKEW before ours may still answer it; one that arrived before
+    ours went out (our answer to it, say) cannot.
+    """
+    i = min(bisect_right(sent, mail.at + DATE_SKEW), bisect_left(sent, mail.arrived))
     if i == 0:
         return None
     ours = sent[i - 1]
-    return ours if at - ours <= window else None
+    return ours if mail.at - ours <= window else None
 
 
 @dataclass(frozen=True)
@@ -129,16 +134,19 @@ class Evidence:
 
 
 def _answered_before(e: Evidence) -> bool:
-    return bool(e.earlier) and answered(e.earlier[0].at, e.sent, e.limits.answer_window) is not None
+    return bool(e.earlier) and answered(e.earlier[0], e.sent, e.limits.answer_window) is not None
+
+
+def _said(mail: Written) -> str:
+    """What a mail says, for comparing: its subject (no prefixes) and text, letters only."""
+    return letters(strip_subject_prefixes(mail.subject) + mail.text)[:TEXT_CHARS]
 
 
 def _same_text(e: Evidence) -> bool:
-    mine = letters(e.mail.text)[:TEXT_CHARS]
-    if len(mine) < e.limits.same_text_min_chars:
+    mine = _said(e.mail)
+    if len(letters(e.mail.text)) < e.limits.same_text_min_chars:
         return False
-    return any(
-        similarity(mine, letters(w.text)[:TEXT_CHARS]) >= e.limits.same_text for w in e.earlier
-    )
+    return any(similarity(mine, _said(w)) >= e.limits.same_text for w in e.earlier)
 
 
 def _counted_subject(e: Evidence) -> bool:
@@ -158,7 +166,7 @@ SIGNALS: dict[str, Callable[[Evidence], bool]] = {
 }
 _SAID = {
     "answered_before": "its previous mail answered ours too",
-    "same_text": "the same text as its earlier mail",
+    "same_text": "the same subject and text as an earlier mail",
     "counted_subject": "its subject repeats with a counter",
     "regular_timing": "at a regular beat",
 }
@@ -167,7 +175,7 @@ _SAID = {
 def judge(e: Evidence, new: bool) -> Verdict:
     """The verdict on one mail from its evidence (no database: see `verdict`)."""
     limits = e.limits
-    ours = answered(e.mail.at, e.sent, limits.answer_window)
+    ours = answered(e.mail, e.sent, limits.answer_window)
     if ours is None:
         return Verdict()
     minutes = max((e.mail.at - ours).total_seconds(), 0) / 60
@@ -234,7 +242,8 @@ def verdict(
         "sender": mail.sender, "until": at + DATE_SKEW,
         "since": at - limits.loop_lookback - limits.answer_window,
     }))
-    if not sent or answered(at, sent, limits.answer_window) is None:
+    mine = Written(at, mail.received_at, subject, text)
+    if not sent or answered(mine, sent, limits.answer_window) is None:
         return Verdict()  # answers nothing of ours: a person's, however alike (one query)
     rows = connection.execute(_EARLIER, {
         "sender": mail.sender, "since": at - limits.loop_lookback,
@@ -242,7 +251,7 @@ def verdict(
         "inbound_id": mail.inbound_id,
     })
     earlier = [
-        Written(written_at(date, arrived, limits), subj or "", body or "")
+        Written(written_at(date, arrived, limits), arrived, subj or "", body or "")
         for arrived, date, subj, body in rows
     ]
-    return judge(Evidence(Written(at, subject, text), earlier, sent, limits), mail.new)
+    return judge(Evidence(mine, earlier, sent, limits), mail.new)
