@@ -33,7 +33,6 @@ class InHand:
     new: bool = False  # the mail opened its ticket
     fan_out: int | None = None  # mail queued on the ticket in the last hour (counted once)
     held: str | None = None  # why no mail to anyone else goes out for this mail
-    held_key: str | None = None  # the alert the hold raises (once per episode)
 
 
 def current(session: Session) -> InHand | None:
