@@ -185,10 +185,8 @@ def judge(e: Evidence, new: bool) -> Verdict:
     score = sum(weights[name] for name in found)
     if score >= limits.machine_score:
         why = "; ".join(_SAID[name] for name in found)
-        return Verdict(
-            quiet=f"{said}, {why} ([limits] machine_score {score} >= {limits.machine_score})",
-            machine=f"{said}, {why} ([limits] machine_score {score} >= {limits.machine_score})",
-        )
+        machine = f"{said}, {why} ([limits] machine_score {score} >= {limits.machine_score})"
+        return Verdict(quiet=machine, machine=machine)
     if new and limits.loop_window > timedelta(0) and e.mail.at - ours <= limits.loop_window:
         return Verdict(quiet=f"{said} (within [limits] loop_window)")
     return Verdict()
