@@ -23,14 +23,16 @@ from sqlalchemy.orm import Session
 
 from mailflow import (
     approvals,
+    bounces,
     commands,
     exporter,
-    guard,
+    governor,
     incidents,
     logs,
     refusals,
     requests,
     senders,
+    size_limits,
     tracking,
 )
 from mailflow.desk import Desk
@@ -126,7 +128,7 @@ def _automatic(desk: Desk, mail: ParsedMail) -> str | None:
 
 def handle(session: Session, desk: Desk, inbound: Inbound, now: datetime) -> Outcome:
     """Process one stored message inside the caller's transaction."""
-    mail = guard.parse_limited(inbound.raw, desk.settings.limits)
+    mail = size_limits.parse_limited(inbound.raw, desk.settings.limits)
     outcome = _route(session, desk, inbound, mail, now)
     # What the mail says goes on its row last. The row holds the raw bytes, which every
     # UPDATE rewrites: set first, it took an UPDATE of its own when a new ticket was
@@ -135,7 +137,7 @@ def handle(session: Session, desk: Desk, inbound: Inbound, now: datetime) -> Out
     inbound.to_addrs = ", ".join(mail.to + mail.cc)
     inbound.subject = mail.subject
     inbound.text = mail.new_text
-    left_out = guard.omitted_text(mail)
+    left_out = size_limits.omitted_text(mail)
     if left_out and outcome.ticket is not None and not outcome.opened:
         inbound.text = f"{mail.new_text}\n\n[未收录 / left out: {left_out}]".strip()
     inbound.sent_at = mail.date
@@ -150,16 +152,16 @@ def _route(
         return Outcome("ignored", "not a mail message")
     automatic = _automatic(desk, mail)
     if automatic:
-        report = guard.delivery_report(session, desk, inbound, now) if mail.auto else None
-        return Outcome("ignored", guard.safe_text(report or f"automatic mail: {automatic}"))
+        report = bounces.delivery_report(session, desk, inbound, now) if mail.auto else None
+        return Outcome("ignored", bounces.safe_text(report or f"automatic mail: {automatic}"))
     refused = senders.refused_sender(desk, mail)
     if refused:
-        return Outcome("ignored", guard.safe_text(refused))
+        return Outcome("ignored", bounces.safe_text(refused))
     ticket = tracking.find_ticket(session, mail.subject, mail.in_reply_to, mail.references)
     # A reply to a digest or report is about no ticket, unless its subject names one.
     if ticket is None and tracking.answers_ticketless_mail(session, mail.in_reply_to):
         return Outcome("ignored", "a reply to a digest or report, which belongs to no ticket")
-    guard.begin(session, mail, inbound, now)
+    governor.begin(session, mail, inbound, now)
     ticket = ticket or approvals.ticket_by_token(session, mail, desk.address)
     process = incidents if ticket is None or ticket.kind == "incident" else requests
     if ticket is not None and _closed_too_long(desk, ticket, mail, now):
@@ -174,22 +176,22 @@ def _route(
             ticket.parent_id = parent.id
             record(session, ticket, "linked", "mailflow", now, f"follows closed {parent.ref}")
         process = incidents if ticket.kind == "incident" else requests
-        guard.on_ticket(session, desk, ticket, mail, inbound, now, new=True)
+        governor.on_ticket(session, desk, ticket, mail, inbound, now, new=True)
         process.on_new(session, desk, ticket, mail, inbound, now)
-        guard.end(session)
+        governor.end(session)
         return Outcome("processed", None, ticket, opened=True)
     inbound.ticket_id = ticket.id
     who = senders.identify(session, desk, ticket, mail)
-    guard.on_ticket(session, desk, ticket, mail, inbound, now, new=False)
+    governor.on_ticket(session, desk, ticket, mail, inbound, now, new=False)
     # Recorded for the staff and passed on to nobody; an approval token's own checks tell
     # its approver about anyone else who tries it (requests.decide).
     if not who.on_ticket and not approvals.tokens_in(mail, desk.address):
         refusals.stranger(session, desk, ticket, mail, inbound.id, now)
-        guard.end(session)
+        governor.end(session)
         return Outcome("processed", f"{who.address} is not on {ticket.ref}", ticket)
     tracking.remember(session, ticket, mail.message_id)
     process.on_reply(session, desk, ticket, mail, inbound, now, who)
-    guard.end(session)
+    governor.end(session)
     return Outcome("processed", None, ticket)
 
 
