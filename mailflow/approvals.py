@@ -42,6 +42,7 @@ from sqlalchemy.orm import Session
 
 from mailflow.config import ROLE_KEYS, Settings
 from mailflow.models import Approval, KeyValue, Ticket
+from mailflow.tracking import REFS_KEPT
 
 if TYPE_CHECKING:
     from mailflow.desk import Desk
@@ -129,7 +130,7 @@ def tokens_in(mail: ParsedMail, desk_address: str) -> list[str]:
         match = address.match(candidate.strip().lower())
         if match:
             found.append(match.group(1))
-    for candidate in [*mail.in_reply_to, *mail.references]:
+    for candidate in [*mail.in_reply_to[-REFS_KEPT:], *mail.references[-REFS_KEPT:]]:
         match = thread.match(candidate.strip().lower())
         if match:
             found.append(match.group(1))
