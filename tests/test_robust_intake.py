@@ -7,7 +7,8 @@ import pytest
 from sqlalchemy import select
 from support import make_mail, parsed, run_once
 
-from mailflow import tracking
+from mailflow import fetch, pipeline, tracking
+from mailflow.fetch import ImapSettings, ImapSource
 from mailflow.models import Inbound, Ticket
 
 # Past SQLite's variable limit (32,766) by far, and PostgreSQL's 65,535 parameters.
@@ -70,3 +71,24 @@ def test_a_statement_a_mail_breaks_quarantines_that_mail_alone(
 @pytest.fixture(autouse=True)
 def _quiet(caplog):  # the quarantine logs the refused statement, parameters and all
     caplog.set_level("CRITICAL", logger="mailflow.pipeline")
+
+
+def test_fetch_round_trips_are_bounded_by_bytes_as_well_as_count(mailbox, monkeypatch):
+    """Each UID FETCH takes at most FETCH_BYTES of mail (a bigger mail alone), so memory
+    follows the bytes in hand, not `[imap] batch_size`."""
+    sizes = [3_000, 3_000, 9_000, 1_000, 1_000]
+    for n, size in enumerate(sizes):
+        mailbox.append(make_mail(f"u{n}@example.test", f"问题 {n}", "x" * size))
+    monkeypatch.setattr(fetch, "FETCH_BYTES", 7_000)
+    source = ImapSource(ImapSettings(host=mailbox.host, port=mailbox.port, security="none",
+                                     username=mailbox.address, password=mailbox.password))
+    with source:
+        batches = [[f.uid for f in batch] for batch in source.fetch_batches(source.uids_after(0))]
+    assert batches == [[1, 2], [3], [4, 5]]
+
+
+def test_processing_batches_are_bounded_by_bytes_as_well_as_count():
+    rows = [(1, 10), (2, 10), (3, 28), (4, 1), (5, 1), (6, 1)]
+    assert pipeline.batches(rows, count=50, size=30) == [[1, 2], [3, 4, 5], [6]]
+    assert pipeline.batches(rows, count=2, size=30) == [[1, 2], [3, 4], [5, 6]]
+    assert pipeline.batches([(1, 99), (2, 1)], count=50, size=30) == [[1], [2]]
