@@ -62,9 +62,11 @@ DATABASE_FAILURES = {
         "SQLITE_PROTOCOL", "SQLITE_INTERRUPT", "SQLITE_PERM",
     ),
     # connection, transaction rollback (deadlock, serialization), resources, object state
-    # (lock not available), operator intervention, system error, internal error
-    "postgresql": ("08", "40", "53", "55", "57", "58", "XX"),
+    # (lock not available), operator intervention, system error, internal error; a table
+    # or column missing (a schema not yet upgraded) is the database's too
+    "postgresql": ("08", "40", "53", "55", "57", "58", "XX", "42P01", "42703"),
 }
+SQLITE_SCHEMA_FAULTS = ("no such table", "no such column")  # SQLite names them only in words
 _MESSAGE_ID = re.compile(rb"^message-id:[ \t]*(.*(?:\r?\n[ \t].*)*)", re.IGNORECASE | re.MULTILINE)
 _HEADER_END = re.compile(rb"\r?\n\r?\n")
 _CONTROLS = re.compile(r"[\x00-\x1f\x7f]")
@@ -353,6 +355,8 @@ def _database_failed(session: Session, exc: SQLAlchemyError) -> bool:
     code = getattr(exc.orig, "sqlite_errorname", None) or getattr(exc.orig, "sqlstate", None)
     dialect = session.get_bind().dialect.name
     if code and str(code).startswith(DATABASE_FAILURES.get(dialect, ())):
+        return True
+    if dialect == "sqlite" and str(exc.orig).startswith(SQLITE_SCHEMA_FAULTS):
         return True
     try:  # the savepoint is rolled back: a database that still answers is fine
         session.connection().exec_driver_sql("SELECT 1")
