@@ -25,6 +25,7 @@ from pathlib import Path
 HERE = Path(__file__).resolve().parent
 sys.path[:0] = [str(HERE), str(HERE.parent / "tests")]
 
+import databases  # noqa: E402
 from backlog import CountingSink, private_schema  # noqa: E402
 from servers import Dovecot, Mailbox  # noqa: E402
 from sqlalchemy import func, select  # noqa: E402
@@ -109,6 +110,8 @@ def main() -> None:
               f"(floor: under {allowed:.0f} MB = {FLOOR:g}x the largest mail) "
               f"{'ok' if growth < allowed and code == 0 else 'OVER'}")
     finally:
+        if args.database and args.database.startswith("postgresql"):
+            databases._execute(args.database, 'DROP SCHEMA IF EXISTS "bench_bigmail" CASCADE')
         sink.stop()
         server.stop()
         shutil.rmtree(server.root, ignore_errors=True)
