@@ -136,6 +136,7 @@ def secret(session: Session, desk: Desk) -> bytes:
         )
         value = session.scalar(select(KeyValue.value).where(KeyValue.key == SECRET_KEY))
         assert value is not None
+        return value.encode("utf-8")  # not cached: the insert may yet roll back
     session.info[_SECRET_CACHE] = value.encode("utf-8")
     return session.info[_SECRET_CACHE]
 
