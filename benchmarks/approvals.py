@@ -22,7 +22,7 @@ sys.path[:0] = [str(HERE.parent / "tests")]
 
 from support import Clock, desk_config, make_mail, reply  # noqa: E402
 
-from mailflow import approvals, pipeline  # noqa: E402
+from mailflow import approvals, pipeline, senders  # noqa: E402
 from mailflow.config import load_config  # noqa: E402
 from mailflow.desk import Desk  # noqa: E402
 from mailflow.models import Outbox  # noqa: E402
@@ -51,7 +51,7 @@ def tokens(n: int) -> None:
     rate("token_valid_for (compare_digest)", n, time.perf_counter() - start)
     start = time.perf_counter()
     for _ in range(n):
-        approvals.authenticated(AR, "mx.example.test", "approver@example.test")
+        senders.authenticated(AR, "mx.example.test", "approver@example.test")
     rate("authenticated (2 Authentication-Results)", n, time.perf_counter() - start)
 
 

@@ -13,10 +13,11 @@ token is stored. A decision counts only when all of these hold (`verify`):
    issued by us (HMAC checked with `hmac.compare_digest`) for this request;
 2. the sender (a single From address, and no Sender header naming someone else) is the
    approver the token was issued to;
-3. with `[requests] require_dkim`, the topmost `Authentication-Results` header whose
-   authserv-id is `[requests] trusted_authserv_id` shows dkim=pass (aligned with the
-   approver's domain) or dmarc=pass (header.from = that domain); every other such header,
-   e.g. one the sender wrote, is ignored;
+3. whenever our MTA is trusted (`[security] trusted_authserv_id`, or the older
+   `[requests] require_dkim`), the topmost `Authentication-Results` header with that
+   authserv-id shows dkim=pass (aligned with the approver's domain) or dmarc=pass
+   (header.from = that domain); every other such header, e.g. one the sender wrote, is
+   ignored (senders.authenticated);
 4. the token has not been used (nor voided by another decision of its step) and has not
    expired, and the request is still waiting for that step.
 
@@ -26,61 +27,34 @@ The secret is `[desk] secret`; when that is empty one is generated once and kept
 
 from __future__ import annotations
 
-import base64
 import hashlib
 import hmac
 import re
 import secrets
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from datetime import datetime
 from typing import TYPE_CHECKING
 
 from sqlalchemy import select
-from sqlalchemy.dialects.postgresql import insert as pg_insert
-from sqlalchemy.dialects.sqlite import insert as sqlite_insert
 from sqlalchemy.orm import Session
 
-from mailflow.config import ROLE_KEYS, Settings
-from mailflow.models import Approval, KeyValue, Ticket
+from mailflow import senders
+from mailflow.models import Approval, Ticket
+from mailflow.senders import b32 as _b32
+from mailflow.senders import secret
+from mailflow.tracking import REFS_KEPT
 
 if TYPE_CHECKING:
     from mailflow.desk import Desk
     from mailflow.mail import ParsedMail
 
-SECRET_KEY = "approval_secret"
 _NONCE_BYTES, _MAC_BYTES = 10, 15
 TOKEN_LENGTH = (_NONCE_BYTES + _MAC_BYTES) * 8 // 5  # 40 base32 characters
 _TOKEN = rf"[a-z2-7]{{{TOKEN_LENGTH}}}"
 MESSAGE_ID_PREFIX = "mf.approval."
-# Headers naming where the mail was delivered (added by the receiving MTA) besides To/Cc.
-_DELIVERY_HEADERS = ("delivered-to", "x-original-to", "envelope-to")
 
 
 # -- the secret and the tokens -------------------------------------------------------------
-
-
-def secret(session: Session, desk: Desk) -> bytes:
-    """`[desk] secret`, else the one generated once and kept in the database."""
-    configured = desk.settings.desk.secret
-    if configured:
-        return configured.encode("utf-8")
-    value = session.scalar(select(KeyValue.value).where(KeyValue.key == SECRET_KEY))
-    if value is None:
-        # Insert-if-absent, so two daemons making it at once end up sharing one.
-        dialect = session.get_bind().dialect.name
-        insert = pg_insert if dialect == "postgresql" else sqlite_insert
-        session.execute(
-            insert(KeyValue)
-            .values(key=SECRET_KEY, value=secrets.token_hex(32))
-            .on_conflict_do_nothing(index_elements=["key"])
-        )
-        value = session.scalar(select(KeyValue.value).where(KeyValue.key == SECRET_KEY))
-        assert value is not None
-    return value.encode("utf-8")
-
-
-def _b32(data: bytes) -> str:
-    return base64.b32encode(data).decode("ascii").rstrip("=").lower()
 
 
 def _mac(key: bytes, ticket_id: int, step: int, approver: str, nonce: str) -> str:
@@ -111,25 +85,25 @@ def reply_address(desk_address: str, token: str) -> str:
     return f"{local}+{token}@{domain}"
 
 
-def message_id(desk_address: str, token: str) -> str:
+def message_id(desk_address: str, token: str, reply: str = "") -> str:
+    """`mf.approval.<token>[.r-<reply token>]@domain`: the approval mail's Message-ID, which
+    may also carry the approver's reply token (senders.py) for their other replies."""
     domain = desk_address.rpartition("@")[2] or "mailflow.invalid"
-    return f"{MESSAGE_ID_PREFIX}{token}@{domain}"
+    tail = f".{senders.REPLY_TAG}{reply}" if reply else ""
+    return f"{MESSAGE_ID_PREFIX}{token}{tail}@{domain}"
 
 
 def tokens_in(mail: ParsedMail, desk_address: str) -> list[str]:
     """Every distinct token the mail carries in its recipients or its thread references."""
     local, _, domain = desk_address.lower().partition("@")
     address = re.compile(rf"^{re.escape(local)}\+({_TOKEN})@{re.escape(domain)}$")
-    thread = re.compile(rf"^{re.escape(MESSAGE_ID_PREFIX)}({_TOKEN})@")
+    thread = re.compile(rf"^{re.escape(MESSAGE_ID_PREFIX)}({_TOKEN})[.@]")
     found: list[str] = []
-    recipients = list(mail.to) + list(mail.cc)
-    for header in _DELIVERY_HEADERS:
-        recipients += mail.addresses(header)
-    for candidate in recipients:
+    for candidate in senders.recipients(mail):
         match = address.match(candidate.strip().lower())
         if match:
             found.append(match.group(1))
-    for candidate in [*mail.in_reply_to, *mail.references]:
+    for candidate in [*mail.in_reply_to[-REFS_KEPT:], *mail.references[-REFS_KEPT:]]:
         match = thread.match(candidate.strip().lower())
         if match:
             found.append(match.group(1))
@@ -143,41 +117,6 @@ def ticket_by_token(session: Session, mail: ParsedMail, desk_address: str) -> Ti
         if row is not None:
             return session.get(Ticket, row.ticket_id)
     return None
-
-
-# -- the approval chain --------------------------------------------------------------------
-
-
-@dataclass(frozen=True)
-class Step:
-    """One step of an approval chain: any one of `approvers` decides it."""
-
-    group: str
-    approvers: tuple[str, ...]
-
-
-def chain(settings: Settings, request_type: str | None) -> list[Step]:
-    """The steps for a request type: `[requests.approval_chain]` (its type, else `default`),
-    else one step of `[roles.approvers]` for the type."""
-    roles = settings.roles
-    chains = settings.requests.approval_chain
-    names = chains.get(request_type or "") or chains.get("default")
-    if not names:
-        group = request_type if request_type in roles.approvers else "default"
-        return [Step(f"approvers.{group}", roles.approvers_for(request_type))]
-    return [Step(name, members(settings, name)) for name in names]
-
-
-def members(settings: Settings, name: str) -> tuple[str, ...]:
-    """Who a chain entry names: an address, an approver group, or a desk role."""
-    roles = settings.roles
-    if "@" in name:
-        return (name.strip().lower(),)
-    if name in roles.approvers:
-        return roles.approvers[name]
-    if name in ROLE_KEYS:
-        return tuple(getattr(roles, name))
-    return ()
 
 
 # -- issuing -------------------------------------------------------------------------------
@@ -201,7 +140,9 @@ def issue(
         group=group,
         approver=approver.lower(),
         token_hash=token_hash(token),
-        message_id=message_id(desk.address, token),
+        message_id=message_id(
+            desk.address, token, senders.reply_token(secret(session, desk), ticket.id, approver)
+        ),
         created_at=now,
         expires_at=now + desk.settings.requests.token_ttl,
     )
@@ -235,94 +176,6 @@ def void(rows: list[Approval], now: datetime, why: str) -> None:
     for row in rows:
         if row.decision is None:
             row.decision, row.used_at, row.reason = "void", now, why
-
-
-# -- Authentication-Results (RFC 8601) -----------------------------------------------------
-
-_COMMENT = re.compile(r"\((?:[^()\\]|\\.)*\)")
-_PAIR = re.compile(r'([A-Za-z0-9_.-]+(?:/\d+)?)\s*=\s*("(?:[^"\\]|\\.)*"|[^\s;]+)')
-
-
-def _strip_comments(value: str) -> str:
-    previous = None
-    while previous != value:  # nested comments
-        previous, value = value, _COMMENT.sub(" ", value)
-    return value
-
-
-def _split(value: str) -> list[str]:
-    """Split on ';' outside quoted strings."""
-    parts, current, quoted, escaped = [], [], False, False
-    for char in value:
-        if escaped:
-            escaped = False
-        elif char == "\\":
-            escaped = True
-        elif char == '"':
-            quoted = not quoted
-        elif char == ";" and not quoted:
-            parts.append("".join(current))
-            current = []
-            continue
-        current.append(char)
-    parts.append("".join(current))
-    return parts
-
-
-@dataclass(frozen=True)
-class AuthResult:
-    method: str
-    result: str
-    props: dict[str, str] = field(default_factory=dict)
-
-
-def parse_authentication_results(value: str) -> tuple[str, list[AuthResult]]:
-    """(authserv-id, results) of one header value; ("", []) when unreadable."""
-    parts = _split(_strip_comments(" ".join(value.split())))
-    head = parts[0].split()
-    if not head:
-        return "", []
-    authserv = head[0].strip('"').lower()
-    results = []
-    for part in parts[1:]:
-        pairs = _PAIR.findall(part)
-        if not pairs:
-            continue
-        method, result = pairs[0]
-        props = {k.lower(): v.strip('"').lower() for k, v in pairs[1:]}
-        results.append(AuthResult(method.split("/")[0].lower(), result.lower(), props))
-    return authserv, results
-
-
-def _aligned(signing: str, domain: str) -> bool:
-    signing = signing.strip().strip(".").lower()
-    return bool(signing) and (
-        domain == signing or ("." in signing and domain.endswith("." + signing))
-    )
-
-
-def authenticated(headers: list[str], trusted: str, address: str) -> tuple[bool, str]:
-    """Whether our own MTA's (topmost trusted) Authentication-Results vouch for the domain."""
-    domain = address.rpartition("@")[2].lower()
-    trusted = trusted.strip().lower()
-    for value in headers:  # top first: the header our MTA added last is above forged ones
-        authserv, results = parse_authentication_results(value)
-        if not trusted or authserv != trusted:
-            continue
-        for res in results:
-            if res.result != "pass":
-                continue
-            if res.method == "dkim":
-                signer = res.props.get("header.d") or res.props.get("header.i", "").rpartition(
-                    "@"
-                )[2]
-                if _aligned(signer, domain):
-                    return True, f"dkim=pass header.d={signer} ({authserv})"
-            if res.method == "dmarc" and res.props.get("header.from", "") == domain:
-                return True, f"dmarc=pass header.from={domain} ({authserv})"
-        summary = ", ".join(f"{r.method}={r.result}" for r in results) or "no results"
-        return False, f"{authserv}: {summary} for {domain}"
-    return False, f"no Authentication-Results from {trusted or '(trusted_authserv_id unset)'}"
 
 
 # -- verifying a decision ------------------------------------------------------------------
@@ -368,7 +221,7 @@ def _refuse(code: str, approval: Approval | None = None, **values: str) -> Verdi
     return Verdict(False, code, REASONS[code].format(**values), approval)
 
 
-def senders(mail: ParsedMail) -> list[str]:
+def from_addresses(mail: ParsedMail) -> list[str]:
     """Every address in the From header(s), lowercased."""
     return mail.addresses("from") or ([mail.from_addr] if mail.from_addr else [])
 
@@ -389,20 +242,18 @@ def verify(
     if row.ticket_id != ticket.id:
         other = session.get(Ticket, row.ticket_id)
         return _refuse("other_request", row, other=other.ref if other else "?")
-    from_addresses = senders(mail)
-    if len(from_addresses) != 1:
+    addresses = from_addresses(mail)
+    if len(addresses) != 1:
         return _refuse("several_senders", row)
-    if from_addresses[0] != row.approver:
-        return _refuse("wrong_sender", row, sender=from_addresses[0])
+    if addresses[0] != row.approver:
+        return _refuse("wrong_sender", row, sender=addresses[0])
     agents = mail.addresses("sender")
     if any(a != row.approver for a in agents):
         return _refuse("on_behalf", row, sender=agents[0] if len(agents) == 1 else "?")
     auth = ""
-    settings = desk.settings.requests
-    if settings.require_dkim:
-        passed, auth = authenticated(
-            mail.header_all("Authentication-Results"), settings.trusted_authserv_id, row.approver
-        )
+    # The token, and our own MTA's word too whenever it is trusted ([security]) or required.
+    if desk.settings.requests.require_dkim or desk.settings.security.trusted_authserv_id:
+        passed, auth = senders.mta_verdict(desk, mail, row.approver)
         if not passed:
             return _refuse("not_authenticated", row, auth=auth)
     if row.decision == "void":

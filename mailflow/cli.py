@@ -10,6 +10,7 @@ import argparse
 import asyncio
 import json
 import logging
+import os
 import re
 import sys
 from collections.abc import Sequence
@@ -27,6 +28,7 @@ from mailflow.models import Inbound, MailboxState, Outbox, Ticket, utcnow
 from mailflow.tickets import as_json, detail_json
 
 EX_TEMPFAIL = 75
+EX_PIPE = 128 + 13  # as a command ended by SIGPIPE: the reader closed the pipe
 INBOUND_STATES = ("processed", "ignored", "quarantined", "pending")
 OUTBOX_STATES = ("queued", "sent", "dead")
 # Where tomllib says a file went wrong: "... (at line 3, column 8)" or "(at end of document)".
@@ -64,20 +66,23 @@ def _log_format(args: argparse.Namespace) -> str:
     return value if value in FORMATTERS else "text"
 
 
-def _desk(args: argparse.Namespace) -> Any:
-    from mailflow import logs
+def _desk(args: argparse.Namespace, *, daemon: bool = False) -> Any:
+    """The desk of the config; a package its settings need and that is missing is a
+    configuration error (the daemon's features and jobs only with `daemon`)."""
+    from mailflow import extras, logs
     from mailflow.desk import Desk
 
     settings = load_config(resolve_config_path(args.config))
     level = "DEBUG" if args.verbose else settings.log.level
     logs.setup(level, settings.log.format)
+    extras.require(settings, daemon=daemon)
     return Desk(settings)
 
 
 def cmd_run(args: argparse.Namespace) -> int:
     from mailflow.daemon import Daemon
 
-    daemon = Daemon(_desk(args))
+    daemon = Daemon(_desk(args, daemon=not args.once))  # one pass: no endpoint, no jobs
     if args.once:
         result = daemon.run_once()
         print(
@@ -122,6 +127,7 @@ def cmd_ingest(args: argparse.Namespace) -> int:
 
 
 def cmd_check(args: argparse.Namespace) -> int:
+    from mailflow import extras
     from mailflow.rules import check_rules
 
     path = resolve_config_path(args.config)
@@ -132,13 +138,28 @@ def cmd_check(args: argparse.Namespace) -> int:
     if settings is not None:
         problems += [_problem(p) for p in check_rules(settings.rules_dir)]
         problems += _check_templates(settings)
+        problems += [_problem(p) for p in extras.problems(settings)]
     for problem in problems:
         print(problem)
+    if settings is not None:
+        for warning in security_warnings(settings):
+            print(f"{path}: warning: {warning}", file=sys.stderr)
     if problems:
         print(f"{len(problems)} problem(s)", file=sys.stderr)
         return 1
     print(f"{path}: configuration, rules and templates are valid")
     return 0
+
+
+def security_warnings(settings: Any) -> list[str]:
+    """What in [security] leaves the desk open to forged mail (valid, but worth saying)."""
+    security = settings.security
+    if security.commands == "from":
+        return [
+            'security.commands = "from": a From header alone is trusted, so anyone can '
+            "forge a command in the name of staff or a requester; use token_or_dmarc"
+        ]
+    return []
 
 
 def _problem(problem: Any) -> str:
@@ -382,49 +403,104 @@ def _date(value: str) -> date:
         raise argparse.ArgumentTypeError(f"{value!r} is not a date like 2026-11-01") from exc
 
 
+# Help for options that several sub-commands share, given where an option was added
+# without its own (`_describe`), so that `--help` describes every option.
+SHARED_HELP = {
+    "json": "print JSON in the public interface's shape instead of text",
+}
+
+
 def parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="mailflow", description="Email-driven IT service desk.")
-    p.add_argument("--config", help="config file (default: $MAILFLOW_CONFIG or ./config.toml)")
-    p.add_argument("--version", action="version", version=f"mailflow {__version__}")
-    p.add_argument("-v", "--verbose", action="store_true", help="debug logging")
-    sub = p.add_subparsers(dest="command", required=True)
-    run = sub.add_parser("run", help="the daemon")
-    run.add_argument("--once", action="store_true", help="one pass, then exit")
+    p.add_argument("--config", metavar="PATH",
+                   help="config file (default: $MAILFLOW_CONFIG or ./config.toml)")
+    p.add_argument("--version", action="version", version=f"mailflow {__version__}",
+                   help="print the version and exit")
+    p.add_argument("-v", "--verbose", action="store_true",
+                   help="debug logging (overrides [log] level)")
+    sub = p.add_subparsers(dest="command", required=True, metavar="COMMAND")
+    run = sub.add_parser("run", help="the daemon: fetch, process, send, run scheduled jobs",
+                         description="Run the desk until SIGTERM; SIGHUP reloads the config.")
+    run.add_argument("--once", action="store_true",
+                     help="fetch and process everything new, deliver the due outbox, then exit")
     run.set_defaults(func=cmd_run)
-    ingest = sub.add_parser("ingest", help="process one message from FILE or stdin")
-    ingest.add_argument("file", nargs="?")
+    ingest = sub.add_parser("ingest", help="process one message from FILE or stdin",
+                            description="For an MTA pipe: exit 0 done, 75 temporary failure.")
+    ingest.add_argument("file", nargs="?",
+                        help="an RFC 5322 message (default: read it from standard input)")
     ingest.set_defaults(func=cmd_ingest)
-    sub.add_parser("check", help="validate config and rules").set_defaults(func=cmd_check)
+    sub.add_parser(
+        "check", help="validate config, rules, templates and the packages they need",
+        description="Print each problem with file and key; exit 1 on any.",
+    ).set_defaults(func=cmd_check)
     status = sub.add_parser("status", help="health")
     status.add_argument("--json", action="store_true")
     status.set_defaults(func=cmd_status)
     tickets = sub.add_parser("tickets", help="list tickets")
-    tickets.add_argument("--json", action="store_true")
-    tickets.add_argument("--kind", choices=("incident", "request"))
-    tickets.add_argument("--status")
+    tickets.add_argument("--json", action="store_true", help=SHARED_HELP["json"])
+    tickets.add_argument("--kind", choices=("incident", "request"),
+                         help="only incidents or only service requests")
+    tickets.add_argument("--status", help="only tickets in this status (e.g. open, resolved)")
     tickets.set_defaults(func=cmd_tickets)
-    show = sub.add_parser("show", help="one ticket")
-    show.add_argument("ref")
-    show.add_argument("--json", action="store_true")
+    show = sub.add_parser("show", help="one ticket: fields, messages, events")
+    show.add_argument("ref", help="the ticket's reference, e.g. INC-42 or REQ-7")
+    show.add_argument("--json", action="store_true", help=SHARED_HELP["json"])
     show.set_defaults(func=cmd_show)
-    digest = sub.add_parser("digest", help="build and queue today's digests")
-    digest.add_argument("--dry-run", action="store_true")
+    digest = sub.add_parser("digest", help="build and queue today's digests now")
+    digest.add_argument("--dry-run", action="store_true",
+                        help="print the digests instead of queueing them")
     digest.set_defaults(func=cmd_digest)
     report = sub.add_parser("report", help="incident-management report")
-    report.add_argument("--since", type=_date)
-    report.add_argument("--until", type=_date)
-    report.add_argument("--format", choices=("text", "json", "csv"), default="text")
+    report.add_argument("--since", type=_date, metavar="DATE",
+                        help="first day, YYYY-MM-DD (default: the first of --until's month)")
+    report.add_argument("--until", type=_date, metavar="DATE",
+                        help="last day, YYYY-MM-DD (default: today)")
+    report.add_argument("--format", choices=("text", "json", "csv"), default="text",
+                        help="text (default), json or csv")
     report.set_defaults(func=cmd_report)
-    demo = sub.add_parser("demo", help="a self-contained demonstration")
+    demo = sub.add_parser("demo", help="a self-contained demonstration, no outside server")
     demo.add_argument("--dir", help="keep the demo's files here (default: a temp dir)")
     demo.set_defaults(func=cmd_demo)
     requeue = sub.add_parser("requeue", help="process quarantined mail again")
-    requeue.add_argument("ids", nargs="*", type=int)
+    requeue.add_argument("ids", nargs="*", type=int, metavar="ID",
+                         help="inbound mail ids (default: every quarantined mail)")
     requeue.set_defaults(func=cmd_requeue)
     resend = sub.add_parser("resend", help="queue dead outgoing mail again")
-    resend.add_argument("ids", nargs="*", type=int)
+    resend.add_argument("ids", nargs="*", type=int, metavar="ID",
+                        help="outbox ids (default: every dead mail)")
     resend.set_defaults(func=cmd_resend)
+    _describe(p)
     return p
+
+
+def _describe(p: argparse.ArgumentParser) -> None:
+    """Give each option of every sub-command still without help its shared one."""
+    for action in p._actions:
+        if isinstance(action, argparse._SubParsersAction):
+            for sub in action.choices.values():
+                _describe(sub)
+        elif action.help is None and action.dest in SHARED_HELP:
+            action.help = SHARED_HELP[action.dest]
+
+
+def _reader_gone() -> bool:
+    """Whether standard output is a pipe whose reader has closed it (poll says POLLERR)."""
+    try:
+        from select import POLLERR, POLLOUT, poll  # not on every platform
+
+        poller = poll()
+        poller.register(sys.stdout.fileno(), POLLOUT)
+        return any(events & POLLERR for _, events in poller.poll(0))
+    except (ImportError, OSError, ValueError, AttributeError):  # no poll, or stdout no file
+        return False
+
+
+def _quiet_stdout() -> None:
+    """Point stdout at /dev/null: the interpreter's last flush at exit then has nowhere to
+    fail, so no "Broken pipe" message follows the reader's exit."""
+    devnull = os.open(os.devnull, os.O_WRONLY)
+    os.dup2(devnull, sys.stdout.fileno())
+    os.close(devnull)
 
 
 def main(argv: Sequence[str] | None = None) -> int:
@@ -433,7 +509,15 @@ def main(argv: Sequence[str] | None = None) -> int:
     args = parser().parse_args(argv)
     logs.setup(logging.DEBUG if args.verbose else logging.INFO, _log_format(args))
     try:
-        return args.func(args)
+        code = args.func(args)
+        sys.stdout.flush()  # a closed pipe shows here, while it can still be caught
+        return code
+    except BrokenPipeError as exc:
+        if not _reader_gone():  # a connection's broken pipe, not ours: an error like others
+            print(f"mailflow: {_os_error(exc)}", file=sys.stderr)
+            return 1
+        _quiet_stdout()  # `mailflow show INC-1 | head -2`: the reader has what it wanted
+        return EX_PIPE
     except TemporaryFailure as exc:
         print(f"mailflow: {_sentence(exc)}", file=sys.stderr)
         return EX_TEMPFAIL

@@ -200,6 +200,18 @@ class RequestSettings:
     trusted_authserv_id: str = ""
 
 
+SECURITY_MODES = ("token", "dmarc", "token_or_dmarc", "from")
+
+
+@dataclass(frozen=True)
+class SecuritySettings:
+    """[security]: what proves who sent a mail before a command in it counts (senders.py)."""
+
+    commands: str = "token_or_dmarc"
+    trusted_authserv_id: str = ""  # the authserv-id our own MTA writes in Authentication-Results
+    plus_address: bool = True  # Reply-To carries the reply token as desk+r-<token>@domain
+
+
 @dataclass(frozen=True)
 class DigestSettings:
     time: time | None = time(8, 30)  # None: no daily digests ("off")
@@ -209,19 +221,48 @@ class DigestSettings:
     monthly_report: str = "1 09:00"
 
 
+# What marks a mail as a machine's answer to ours, and how much each mark weighs
+# ([limits] machine_signals; loop_detection.py computes them).
+MACHINE_SIGNALS = {"answered_before": 1, "same_text": 2, "counted_subject": 1, "regular_timing": 1}
+
+
 @dataclass(frozen=True)
 class LimitSettings:
     max_message_bytes: int = 25_000_000
     max_attachment_bytes: int = 10_000_000
     max_attachments: int = 20
-    auto_replies_per_sender_per_hour: int = 5
+    # Safety nets, counted by when each mail was written (its Date, clipped to arrival).
+    auto_replies_per_sender_per_hour: int = 20
+    auto_replies_per_sender_per_day: int = 40
     auto_replies_per_ticket_per_hour: int = 10
     mails_per_ticket_per_hour: int = 60  # to anyone, while inbound mail is processed
     bounce_suppress: timedelta = timedelta(days=7)
     allow: tuple[str, ...] = ()
     deny: tuple[str, ...] = ()
     # A sender who writes again this soon after we mailed them gets no automatic reply.
-    loop_window: timedelta = timedelta(minutes=5)
+    loop_window: timedelta = timedelta(minutes=2)
+    # A mail written this soon after our mail to its sender answers it; such a mail whose
+    # machine_signals weigh machine_score or more is a machine's: nothing goes out about it.
+    answer_window: timedelta = timedelta(minutes=30)
+    machine_score: int = 3
+    machine_signals: tuple[tuple[str, int], ...] = tuple(MACHINE_SIGNALS.items())
+    loop_lookback: timedelta = timedelta(hours=24)  # the sender's earlier mails compared
+    same_text: float = 0.9  # similarity of normalised texts that makes them the same
+    same_text_min_chars: int = 10  # shorter texts ("thanks") are never taken for the same
+    regular_spread: float = 0.1  # the last 3 intervals within this share of their mean
+    written_within: timedelta = timedelta(days=7)  # an older Date counts as this old
+
+
+def _machine_signals(value: Any) -> tuple[tuple[str, int], ...]:
+    """[limits] machine_signals: a table of known signal names to whole weights."""
+    if not isinstance(value, dict):
+        raise ValueError(f"must be a table like {MACHINE_SIGNALS}, got {value!r}")
+    unknown = sorted(set(value) - set(MACHINE_SIGNALS))
+    if unknown:
+        raise ValueError(f"unknown signal(s) {unknown}; known: {sorted(MACHINE_SIGNALS)}")
+    if not all(isinstance(w, int) and not isinstance(w, bool) and w >= 0 for w in value.values()):
+        raise ValueError("each weight must be a whole number, 0 or more")
+    return tuple({**MACHINE_SIGNALS, **value}.items())
 
 
 @dataclass(frozen=True)
@@ -247,6 +288,7 @@ class Settings:
     mailboxes: tuple[ImapConfig, ...] = ()
     metrics: MetricsSettings = field(default_factory=MetricsSettings)
     log: LogSettings = field(default_factory=LogSettings)
+    security: SecuritySettings = field(default_factory=SecuritySettings)
 
     @property
     def base_dir(self) -> Path:
@@ -583,6 +625,23 @@ def _request_settings(r: _Reader, roles: Roles) -> RequestSettings:
     return settings
 
 
+def _security_settings(r: _Reader, requests: RequestSettings) -> SecuritySettings:
+    """[security]; `[requests] trusted_authserv_id` (older configs) is the fallback."""
+    trusted = r.get("security", "trusted_authserv_id", str, "").strip()
+    settings = SecuritySettings(
+        commands=_choice(r, "security", "commands", "token_or_dmarc", SECURITY_MODES),
+        trusted_authserv_id=trusted or requests.trusted_authserv_id,
+        plus_address=r.get("security", "plus_address", bool, True),
+    )
+    if settings.commands == "dmarc" and not settings.trusted_authserv_id:
+        r.problem(
+            "security.trusted_authserv_id",
+            'required when commands = "dmarc": the authserv-id your own MTA writes in '
+            'Authentication-Results (e.g. "mx.example.test")',
+        )
+    return settings
+
+
 def read_config(path: Path) -> tuple[Settings | None, list[Problem]]:
     """The settings and every problem in the config file. The settings come back despite
     problems whenever the file is TOML (e.g. to find rules/ for `check`); None when not."""
@@ -705,8 +764,9 @@ def read_config(path: Path) -> tuple[Settings | None, list[Problem]]:
         max_attachment_bytes=r.get("limits", "max_attachment_bytes", int, 10_000_000),
         max_attachments=r.get("limits", "max_attachments", int, 20),
         auto_replies_per_sender_per_hour=r.get(
-            "limits", "auto_replies_per_sender_per_hour", int, 5
+            "limits", "auto_replies_per_sender_per_hour", int, 20
         ),
+        auto_replies_per_sender_per_day=r.get("limits", "auto_replies_per_sender_per_day", int, 40),
         auto_replies_per_ticket_per_hour=r.get(
             "limits", "auto_replies_per_ticket_per_hour", int, 10
         ),
@@ -714,16 +774,32 @@ def read_config(path: Path) -> tuple[Settings | None, list[Problem]]:
         bounce_suppress=r.parsed("limits", "bounce_suppress", timedelta(days=7), _duration),
         allow=_senders(r, "allow"),
         deny=_senders(r, "deny"),
-        loop_window=r.parsed("limits", "loop_window", timedelta(minutes=5), _duration),
+        loop_window=r.parsed("limits", "loop_window", timedelta(minutes=2), _duration),
+        answer_window=r.parsed("limits", "answer_window", timedelta(minutes=30), _duration),
+        machine_score=r.get("limits", "machine_score", int, 3),
+        machine_signals=r.parsed(
+            "limits", "machine_signals", tuple(MACHINE_SIGNALS.items()), _machine_signals
+        ),
+        loop_lookback=r.parsed("limits", "loop_lookback", timedelta(hours=24), _duration),
+        same_text=r.get("limits", "same_text", float, 0.9),
+        same_text_min_chars=r.get("limits", "same_text_min_chars", int, 10),
+        regular_spread=r.get("limits", "regular_spread", float, 0.1),
+        written_within=r.parsed("limits", "written_within", timedelta(days=7), _duration),
     )
     for key in ("max_message_bytes", "max_attachment_bytes", "max_attachments"):
         if getattr(limits, key) < 1:
             r.problem(f"limits.{key}", f"must be at least 1, got {getattr(limits, key)}")
-    for key in ("auto_replies_per_sender_per_hour", "auto_replies_per_ticket_per_hour"):
+    for key in ("auto_replies_per_sender_per_hour", "auto_replies_per_sender_per_day",
+                "auto_replies_per_ticket_per_hour"):
         if getattr(limits, key) < 0:
             r.problem(f"limits.{key}", "must be 0 (no automatic replies) or more")
     if limits.mails_per_ticket_per_hour < 1:
         r.problem("limits.mails_per_ticket_per_hour", "must be at least 1")
+    if limits.machine_score < 1:
+        r.problem("limits.machine_score", "must be at least 1")
+    for key in ("same_text", "regular_spread"):
+        if not 0 <= getattr(limits, key) <= 1:
+            r.problem(f"limits.{key}", f"must be between 0 and 1, got {getattr(limits, key)}")
 
     rules_dir = base / "rules" if (base / "rules").is_dir() else PACKAGE_DEFAULTS / "rules"
     rules_dir = _path(base, r.get("paths", "rules", str, str(rules_dir)))
@@ -757,6 +833,7 @@ def read_config(path: Path) -> tuple[Settings | None, list[Problem]]:
         mailboxes=mailboxes,
         metrics=_metrics_settings(r),
         log=_log_settings(r),
+        security=_security_settings(r, requests),
     )
     return settings, r.problems
 

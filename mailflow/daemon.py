@@ -23,10 +23,11 @@ from datetime import datetime
 
 from apscheduler.schedulers.asyncio import AsyncIOScheduler
 
-from mailflow import exporter, guard, intake, jobs, leases, outbox, pipeline, watcher
+from mailflow import exporter, intake, jobs, leases, outbox, pipeline, watcher
 from mailflow.desk import Desk
 from mailflow.fetch import MaildirSource, SourceError
 from mailflow.models import MailboxState, utcnow
+from mailflow.source_backoff import SourceBackoff
 
 log = logging.getLogger(__name__)
 RELAY_TURN = 10.0  # seconds the processing waits, at most, for its relay turn
@@ -58,7 +59,7 @@ class Daemon:
         self.imap = self.sources[0] if self.sources else None  # the [imap] mailbox
         maildir = desk.settings.maildir
         self.maildir = MaildirSource(maildir) if maildir else None
-        self.backoffs: dict[str, guard.SourceBackoff] = {}  # per failing mail source
+        self.backoffs: dict[str, SourceBackoff] = {}  # per failing mail source
         self.owner = leases.process_owner()
         self._stop = asyncio.Event()
         self._relay_now = asyncio.Event()
@@ -76,7 +77,7 @@ class Daemon:
         fetched, errors = 0, []
         self.skipped = []
         for source in self.sources:
-            backoff = self.backoffs.setdefault(source.name, guard.SourceBackoff(source.name))
+            backoff = self.backoffs.setdefault(source.name, SourceBackoff(source.name))
             if not backoff.due(self.clock()):
                 continue  # failed lately: waiting 1, 2, 4 … 30 min before the next login
             try:
@@ -214,7 +215,7 @@ class Daemon:
 
     async def _run_job(self, job: jobs.Job) -> None:
         try:
-            await asyncio.to_thread(job.run, self.desk, self.clock())
+            await asyncio.to_thread(jobs.run, job, self.desk, self.clock())  # alerts
         except Exception:  # noqa: BLE001
             log.exception("job %s failed", job.name)
 
@@ -232,7 +233,7 @@ class Daemon:
                 wake,
                 self.owner,
                 login_backoff=self.backoffs.setdefault(
-                    source.name, guard.SourceBackoff(source.name)
+                    source.name, SourceBackoff(source.name)
                 ),
             )
             for source, cfg in zip(self.sources, self.mailboxes, strict=True)

@@ -21,6 +21,7 @@ from typing import TYPE_CHECKING, Any
 from sqlalchemy import func, select
 from sqlalchemy.exc import SQLAlchemyError
 
+from mailflow.errors import ConfigError
 from mailflow.models import Inbound, MailboxState, Outbox, Ticket, utcnow
 
 if TYPE_CHECKING:
@@ -192,8 +193,8 @@ class Endpoint:
     """The HTTP endpoint serving /metrics for one desk; `stop()` shuts it down."""
 
     def __init__(self, desk: Desk, address: str, port: int) -> None:
-        if prom is None:
-            raise RuntimeError(
+        if prom is None:  # `mailflow run` checks this first (mailflow/extras.py)
+            raise ConfigError(
                 "[metrics] port is set but prometheus-client is not installed: "
                 "pip install 'mailflow[metrics]'"
             )

@@ -20,7 +20,7 @@ from typing import TYPE_CHECKING, Any
 from sqlalchemy import select, update
 from sqlalchemy.orm import Session
 
-from mailflow import commands, lifecycle, notify, sla
+from mailflow import commands, lifecycle, notify, refusals, sla
 from mailflow.commands import Command
 from mailflow.models import Event, Inbound, Ticket
 from mailflow.similar import similar_resolved
@@ -29,6 +29,7 @@ from mailflow.tickets import SYSTEM, confirm_deadline, record
 if TYPE_CHECKING:
     from mailflow.desk import Desk
     from mailflow.mail import ParsedMail
+    from mailflow.senders import Sender
 
 
 # A reply made only of these (after punctuation and spaces are removed) is a courtesy, not a
@@ -188,16 +189,23 @@ def record_response_breach(session: Session, ticket: Ticket, now: datetime) -> b
 
 
 def on_reply(
-    session: Session, desk: Desk, ticket: Ticket, mail: ParsedMail, inbound: Inbound, now: datetime
+    session: Session, desk: Desk, ticket: Ticket, mail: ParsedMail, inbound: Inbound,
+    now: datetime, who: Sender,
 ) -> None:
-    """Apply the command in the new text of a reply, if the sender may give it."""
-    sender = mail.from_addr
-    held = lifecycle.roles_on(ticket, sender, desk.settings.roles)
+    """Apply the command in the new text of a reply, if the sender may give it and is proven
+    (senders.py); an unproven requester's words still reach the team as a comment."""
+    sender, held = who.address, who.roles
     cmd = interpret(ticket, commands.parse(mail.new_text, mail.from_name), held)
     if cmd is None:  # a thank-you to a closed incident: kept on record, nothing to do
         record(session, ticket, "comment", sender, now, mail.new_text)
         return
-    why = why_not(ticket, cmd, held)
+    if not who.proven and not who.may_unproven(cmd.action):
+        refusals.unproven(session, desk, ticket, who, cmd, now)
+        if not lifecycle.is_staff(held) and cmd.text.strip():
+            record(session, ticket, "comment", sender, now, cmd.text)
+            tell_team(session, desk, ticket, sender, cmd.text, now)
+        return
+    why = why_not(desk, ticket, cmd, held)
     if why is not None:
         refuse(session, desk, ticket, sender, cmd, why, held, now, mail.message_id)
         return
@@ -248,14 +256,32 @@ def interpret(ticket: Ticket, cmd: Command, held: frozenset[str]) -> Command | N
     return cmd
 
 
-def why_not(ticket: Ticket, cmd: Command, held: frozenset[str]) -> str | None:
+def why_not(desk: Desk, ticket: Ticket, cmd: Command, held: frozenset[str]) -> str | None:
     """Why the command cannot be applied now; None when it can."""
     why = lifecycle.check(ticket, cmd.action, held)
     if why is None and cmd.action in ("assign", "priority") and not cmd.argument:
         why = f"缺少参数 / missing argument: {USAGE[cmd.action]}"
+    if why is None and cmd.action == "assign":
+        why = _assignee_problem(desk, cmd.argument, held)
     if why is None and cmd.action == "escalate" and lifecycle.next_tier(ticket) is None:
         why = "已在最高处理层级，可转问题管理 / already at the top tier; use `problem`"
     return why
+
+
+_EMAIL = re.compile(r"[^@\s<>\"]{1,64}@[^@\s<>\"]{1,253}")
+
+
+def _assignee_problem(desk: Desk, assignee: str, held: frozenset[str]) -> str | None:
+    """Why `assignee` cannot be given the incident: not an address, or outside IT support
+    and the sender is not the incident manager (the assignee gets the whole description)."""
+    if not _EMAIL.fullmatch(assignee):
+        return f"“{assignee}” 不是邮箱地址 / is not an email address: {USAGE['assign']}"
+    if desk.settings.roles.of(assignee) & lifecycle.STAFF_ROLES or "im" in held:
+        return None
+    return (
+        "指派给技术支持人员以外的人须由事件经理执行 / "
+        "only the incident manager may assign an incident to someone outside IT support"
+    )
 
 
 def refuse(

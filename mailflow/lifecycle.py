@@ -2,16 +2,17 @@
 
 `INCIDENT` and `REQUEST` map an action to the statuses it applies in, the roles that may
 take it and the status it leads to (None: the status stays). Roles are relative to the
-ticket: `requester`, `desk` (service desk and its lead), `tier` (members of the owning
-tier, or the assignee), `im` (incident manager), `staff` (anyone holding an IT support role:
-desk, L2, L3, incident or problem manager), `approver`, `executor`, `anyone`.
+ticket (senders.roles_on gives them): `requester`, `desk` (service desk and its lead), `tier`
+(members of the owning tier, or the assignee), `im` (incident manager), `staff` (anyone holding
+an IT support role: desk, L2, L3, incident or problem manager), `approver`, `executor`,
+`watcher`, `vendor`, `anyone`.
 """
 
 from __future__ import annotations
 
 from dataclasses import dataclass
 
-from mailflow.config import Roles
+from mailflow.config import ROLE_KEYS, Settings
 from mailflow.models import Ticket
 
 OPEN = ("open", "pending")
@@ -74,6 +75,8 @@ ROLE_NAMES = {  # (中文, English)
     "staff": ("技术支持人员", "IT staff"),
     "approver": ("审批人", "the approver"),
     "executor": ("执行人", "the executor"),
+    "watcher": ("关注人", "a watcher"),
+    "vendor": ("厂商", "the vendor"),
     "anyone": ("任何人", "anyone"),
 }
 
@@ -103,29 +106,6 @@ def is_staff(held: frozenset[str]) -> bool:
     return bool(held & STAFF)
 
 
-def roles_on(ticket: Ticket, sender: str, roles: Roles) -> frozenset[str]:
-    """The sender's roles relative to this ticket."""
-    held = {"anyone"}
-    global_roles = roles.of(sender)
-    sender = sender.lower()
-    if sender == ticket.requester:
-        held.add("requester")
-    if global_roles & {"service_desk", "service_desk_lead"}:
-        held.add("desk")
-    if sender == ticket.assignee or sender in roles.tier_members(ticket.tier):
-        held.add("tier")
-    if "incident_manager" in global_roles:
-        held.add("im")
-    if global_roles & STAFF_ROLES:
-        held.add("staff")
-    if ticket.kind == "request":
-        if sender in roles.approvers_for(ticket.request_type):
-            held.add("approver")
-        if sender in roles.executors_for(ticket.request_type):
-            held.add("executor")
-    return frozenset(held)
-
-
 def check(ticket: Ticket, action: str, held: frozenset[str]) -> str | None:
     """None when allowed, else why not (in both languages)."""
     transition = table(ticket).get(action)
@@ -151,3 +131,38 @@ def allowed(ticket: Ticket, held: frozenset[str]) -> list[str]:
         for action, t in table(ticket).items()
         if ticket.status in t.statuses and held & t.roles
     ]
+
+
+# -- the approval chain --------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class Step:
+    """One step of an approval chain: any one of `approvers` decides it."""
+
+    group: str
+    approvers: tuple[str, ...]
+
+
+def chain(settings: Settings, request_type: str | None) -> list[Step]:
+    """The steps for a request type: `[requests.approval_chain]` (its type, else `default`),
+    else one step of `[roles.approvers]` for the type."""
+    roles = settings.roles
+    chains = settings.requests.approval_chain
+    names = chains.get(request_type or "") or chains.get("default")
+    if not names:
+        group = request_type if request_type in roles.approvers else "default"
+        return [Step(f"approvers.{group}", roles.approvers_for(request_type))]
+    return [Step(name, members(settings, name)) for name in names]
+
+
+def members(settings: Settings, name: str) -> tuple[str, ...]:
+    """Who a chain entry names: an address, an approver group, or a desk role."""
+    roles = settings.roles
+    if "@" in name:
+        return (name.strip().lower(),)
+    if name in roles.approvers:
+        return roles.approvers[name]
+    if name in ROLE_KEYS:
+        return tuple(getattr(roles, name))
+    return ()

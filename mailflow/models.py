@@ -167,6 +167,24 @@ class ThreadRef(Base):
     ticket_id: Mapped[int] = mapped_column(ForeignKey("tickets.id"), index=True)
 
 
+class Party(Base):
+    """Someone on a ticket besides its requester and its staff: a watcher or its vendor.
+
+    Watchers (the Cc of the first mail, or added by command) are kept informed; the vendor is
+    brought in by the engineers. Both may write to the ticket (senders.py: who is on a ticket).
+    """
+
+    __tablename__ = "parties"
+    __table_args__ = (UniqueConstraint("ticket_id", "address", "role"),)
+
+    id: Mapped[int] = mapped_column(Integer, primary_key=True)
+    ticket_id: Mapped[int] = mapped_column(ForeignKey("tickets.id"), index=True)
+    address: Mapped[str] = mapped_column(String(320))
+    role: Mapped[str] = mapped_column(String(20))  # watcher | vendor
+    added_at: Mapped[datetime] = mapped_column(UTCDateTime)
+    added_by: Mapped[str] = mapped_column(String(320))
+
+
 class Person(Base):
     """Someone who wrote to the desk (the requester's details, 维护用户信息)."""
 

@@ -25,7 +25,7 @@ from typing import TYPE_CHECKING, Any, NamedTuple
 from sqlalchemy import insert
 from sqlalchemy.orm import Session
 
-from mailflow import tracking
+from mailflow import senders, tracking
 from mailflow.models import Outbox, Ticket
 
 if TYPE_CHECKING:
@@ -63,6 +63,7 @@ class Queued(NamedTuple):
     recipient: str
     subject: str
     text: str
+    reply_to: str | None = None
 
 
 def clean_header(value: str, limit: int = 200) -> str:
@@ -91,11 +92,11 @@ def build(
     now: datetime,
     ticket: Ticket | None,
     in_reply_to: str | None = None,
-    reply_to: str | None = None,
     attachments: Iterable[tuple[str, str, bytes]] = (),
     inline: Iterable[tuple[str, str, bytes]] = (),
 ) -> bytes:
-    """The outgoing message on the wire, less `To` and `Message-ID` (see `addressed`).
+    """The outgoing message on the wire, less `To`, `Message-ID` and `Reply-To`, which are
+    each recipient's own (see `addressed`).
 
     Built and serialised once for all the recipients of a notification (compat32 MIME
     classes: 6× faster to build than EmailMessage). `inline` (Content-ID, type, data) parts
@@ -125,17 +126,18 @@ def build(
     if in_reply_to:
         body["In-Reply-To"] = f"<{clean_header(in_reply_to, 500)}>"
         body["References"] = f"<{clean_header(in_reply_to, 500)}>"
-    if reply_to:
-        body["Reply-To"] = clean_header(reply_to, 320)
     body["Auto-Submitted"] = "auto-generated"
     body["X-Auto-Response-Suppress"] = "All"
     body[MARKER] = ticket.ref if ticket is not None else "desk"
     return body.as_bytes(policy=WIRE)
 
 
-def addressed(wire: bytes, recipient: str, message_id: str) -> bytes:
-    """One recipient's copy of a built message: its own `To` and `Message-ID` in front."""
+def addressed(wire: bytes, recipient: str, message_id: str, reply_to: str | None = None) -> bytes:
+    """One recipient's copy of a built message: its own `To`, `Message-ID` and `Reply-To`
+    (which carry that recipient's reply token) in front."""
     head = f"To: {clean_header(recipient, 320)}\r\nMessage-ID: <{message_id}>\r\n"
+    if reply_to:
+        head += f"Reply-To: {clean_header(reply_to, 320)}\r\n"
     return head.encode("utf-8") + wire
 
 
@@ -175,7 +177,9 @@ def queue(
 
     `message_id` fixes the Message-ID (e.g. one carrying an approval token); it is only
     allowed with a single recipient, since every outgoing mail has its own. A mail about a
-    ticket answers `in_reply_to`, by default the mail that opened the ticket.
+    ticket answers `in_reply_to`, by default the mail that opened the ticket, and carries
+    each recipient's reply token (senders.py) in its Message-ID and Reply-To, so their reply
+    proves who wrote it.
     """
     if in_reply_to is None and ticket is not None and ticket.id is not None:
         in_reply_to = tracking.opener_id(session, ticket.id)  # one thread per ticket
@@ -198,19 +202,19 @@ def queue(
         now=now,
         ticket=ticket,
         in_reply_to=in_reply_to,
-        reply_to=reply_to,
         attachments=attachments,
         inline=inline,
     )
     ticket_id = ticket.id if ticket is not None else None
     for recipient in targets:
-        mid = message_id or new_message_id(desk.address)
-        rows.append(Queued(mid, recipient, subject, rendered.text))
+        mid, their_reply_to = _addressing(session, desk, ticket_id, recipient, message_id, reply_to)
+        rows.append(Queued(mid, recipient, subject, rendered.text, their_reply_to))
     outbox = [
         {
             "ticket_id": ticket_id, "message_id": q.message_id, "template": template,
             "sender": desk.address, "recipient": q.recipient, "subject": subject,
-            "text": rendered.text, "raw": addressed(wire, q.recipient, q.message_id),
+            "text": rendered.text,
+            "raw": addressed(wire, q.recipient, q.message_id, q.reply_to),
             "state": "queued", "attempts": 0, "next_attempt_at": now, "created_at": now,
         }
         for q in rows
@@ -221,3 +225,18 @@ def queue(
     if ticket_id is not None:
         tracking.remember_ours(session, ticket_id, [q.message_id for q in rows])
     return rows
+
+
+def _addressing(
+    session: Session, desk: Desk, ticket_id: int | None, recipient: str,
+    message_id: str | None, reply_to: str | None,
+) -> tuple[str, str | None]:
+    """The Message-ID and Reply-To of one recipient's copy: with their reply token when the
+    mail is about a ticket (unless the caller fixed them, as approval mails do)."""
+    if ticket_id is None:
+        return message_id or new_message_id(desk.address), reply_to
+    token = senders.reply_token(senders.secret(session, desk), ticket_id, recipient)
+    mid = message_id or senders.reply_message_id(desk.address, token, uuid.uuid4().hex[:20])
+    if reply_to is None and desk.settings.security.plus_address:
+        reply_to = senders.reply_address(desk.address, token)
+    return mid, reply_to

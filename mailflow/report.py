@@ -30,6 +30,7 @@ from mailflow.metrics import Facts
 from mailflow.models import JobRun, Ticket
 
 if TYPE_CHECKING:
+    from mailflow.config import Settings
     from mailflow.desk import Desk
 
 log = logging.getLogger(__name__)
@@ -422,11 +423,12 @@ def last_period(kind: str, today: date) -> tuple[date, date]:
     return _add_months(first, -1), first - timedelta(days=1)
 
 
-def _schedule(desk: Desk, kind: str) -> tuple[int, time] | None:
-    settings = desk.settings.digest
-    if kind == "weekly":
-        return weekly_schedule(settings.weekly_report)
-    return monthly_schedule(settings.monthly_report)
+SCHEDULES = {"weekly": weekly_schedule, "monthly": monthly_schedule}  # kind → its parser
+
+
+def schedule_of(settings: Settings, kind: str) -> tuple[int, time] | None:
+    """When the weekly or monthly report goes out (`[digest] <kind>_report`); None: off."""
+    return SCHEDULES[kind](getattr(settings.digest, f"{kind}_report"))
 
 
 def due_period(desk: Desk, kind: str, now: datetime) -> tuple[date, date] | None:
@@ -437,7 +439,7 @@ def due_period(desk: Desk, kind: str, now: datetime) -> tuple[date, date] | None
     (month) has turned ("sun 18:00", "28 09:00"), once a report of this kind has been
     sent before: a new desk does not start with a report of a time before it ran.
     """
-    schedule = _schedule(desk, kind)
+    schedule = schedule_of(desk.settings, kind)
     if schedule is None:
         return None
     day, at = schedule
@@ -542,7 +544,7 @@ def _queue_once(
 def _trigger(kind: str) -> Callable[[Desk], CronTrigger]:
     def trigger(desk: Desk) -> CronTrigger:
         tz = desk.settings.desk.timezone
-        schedule = _schedule(desk, kind)
+        schedule = schedule_of(desk.settings, kind)
         if schedule is None:  # disabled: wake daily, send nothing
             return CronTrigger(hour=9, minute=0, timezone=tz)
         day, at = schedule
@@ -559,5 +561,8 @@ for _kind in ("weekly", "monthly"):
             run=lambda desk, now, kind=_kind: send_report(desk, kind, now),
             trigger=_trigger(_kind),
             catch_up=True,
+            needs=("matplotlib",),  # the charts (mailflow/charts.py), imported when it runs
+            setting=f"digest.{_kind}_report",
+            enabled=lambda settings, kind=_kind: schedule_of(settings, kind) is not None,
         )
     )

@@ -20,7 +20,16 @@ from typing import TYPE_CHECKING, Any
 from sqlalchemy import func, select, update
 from sqlalchemy.orm import Session
 
-from mailflow import approvals, commands, forms, jobs, lifecycle, notify, tracking
+from mailflow import (
+    approvals,
+    commands,
+    forms,
+    jobs,
+    lifecycle,
+    notify,
+    refusals,
+    tracking,
+)
 from mailflow.commands import Command
 from mailflow.models import Approval, Inbound, Outbox, Ticket
 from mailflow.tickets import SYSTEM, close_unconfirmed, record
@@ -28,6 +37,7 @@ from mailflow.tickets import SYSTEM, close_unconfirmed, record
 if TYPE_CHECKING:
     from mailflow.desk import Desk
     from mailflow.mail import ParsedMail
+    from mailflow.senders import Sender
 
 
 # -- the form ------------------------------------------------------------------------------
@@ -112,17 +122,30 @@ def on_new(
 
 
 def on_reply(
-    session: Session, desk: Desk, ticket: Ticket, mail: ParsedMail, inbound: Inbound, now: datetime
+    session: Session, desk: Desk, ticket: Ticket, mail: ParsedMail, inbound: Inbound,
+    now: datetime, who: Sender,
 ) -> None:
-    """A decision, the requester's missing fields, or a command through the REQUEST table."""
-    sender = mail.from_addr
+    """A decision, the missing fields, or a command through the REQUEST table.
+
+    Decisions are proven by their approval token (`decide`); everything else but the
+    requester's own words needs a proven sender (senders.py).
+    """
+    sender, held = who.address, who.roles
     cmd = commands.parse(mail.new_text, mail.from_name)
-    held = lifecycle.roles_on(ticket, sender, desk.settings.roles)
     if _answers_the_form(ticket, cmd, held, mail):
+        if "requester" not in held and not who.proven:  # the desk filling fields in
+            refusals.unproven(session, desk, ticket, who, cmd, now)
+            return
         _answer(session, desk, ticket, mail, now)
         return
     if cmd.action in ("approve", "reject"):
         decide(session, desk, ticket, mail, cmd, now)
+        return
+    if not who.on_ticket:  # came with an approval token that is not theirs
+        refusals.stranger(session, desk, ticket, mail, inbound.id, now)
+        return
+    if not who.proven and not who.may_unproven(cmd.action):
+        refusals.unproven(session, desk, ticket, who, cmd, now)
         return
     why = lifecycle.check(ticket, cmd.action, held)
     if why is not None:
@@ -179,7 +202,7 @@ def _submit(
     session: Session, desk: Desk, ticket: Ticket, now: datetime, in_reply_to: str
 ) -> None:
     """Tell the requester the request is registered and start the approval chain."""
-    steps = approvals.chain(desk.settings, ticket.request_type)
+    steps = lifecycle.chain(desk.settings, ticket.request_type)
     notify.queue(
         session, desk, "request_submitted", [ticket.requester], now, ticket=ticket,
         in_reply_to=in_reply_to, form=ticket.form or {}, labels=forms.LABELS, steps=steps,
@@ -191,7 +214,7 @@ def _submit(
 
 
 def _request_step(
-    session: Session, desk: Desk, ticket: Ticket, steps: list[approvals.Step], index: int,
+    session: Session, desk: Desk, ticket: Ticket, steps: list[lifecycle.Step], index: int,
     now: datetime,
 ) -> None:
     """Issue a token to every approver of step `index` and mail each their approval mail.
@@ -214,7 +237,7 @@ def _request_step(
 
 
 def _send_approval(
-    session: Session, desk: Desk, ticket: Ticket, steps: list[approvals.Step], index: int,
+    session: Session, desk: Desk, ticket: Ticket, steps: list[lifecycle.Step], index: int,
     approver: str, now: datetime,
 ) -> Approval:
     issued = approvals.issue(session, desk, ticket, index, steps[index].group, approver, now)
@@ -268,7 +291,7 @@ def _decided_now(
     auth: str, now: datetime,
 ) -> None:
     approver = row.approver
-    steps = approvals.chain(desk.settings, ticket.request_type)
+    steps = lifecycle.chain(desk.settings, ticket.request_type)
     action = "approved" if cmd.action == "approve" else "rejected"
     record(
         session, ticket, action, approver, now,
@@ -314,7 +337,7 @@ def _to_tell(session: Session, desk: Desk, ticket: Ticket, verdict: approvals.Ve
     rows = approvals.open_rows(session, ticket) or approvals.rows_of(session, ticket)
     people = list(dict.fromkeys(r.approver for r in rows))
     if not people:
-        people = list(approvals.chain(desk.settings, ticket.request_type)[0].approvers)
+        people = list(lifecycle.chain(desk.settings, ticket.request_type)[0].approvers)
     return [sender] if sender in people else people
 
 
@@ -334,7 +357,7 @@ def refuse_decision(
     if verdict.code == "expired" and row is not None and ticket.status == "pending_approval":
         # The real approver (sender and authentication checked) answered too late: a new token.
         approvals.void([row], now, "expired; replaced")
-        steps = approvals.chain(desk.settings, ticket.request_type)
+        steps = lifecycle.chain(desk.settings, ticket.request_type)
         if row.step < len(steps):
             _send_approval(session, desk, ticket, steps, row.step, row.approver, now)
             reissued = True
@@ -381,6 +404,9 @@ def _refuse_command(
                  reason=why, allowed=lifecycle.allowed(ticket, held), in_reply_to=in_reply_to)
 
 
+_REQUESTER_SIDE = frozenset({"requester", "watcher", "vendor"})
+
+
 def _workers(desk: Desk, ticket: Ticket) -> tuple[str, ...]:
     """Who works the request now: the executors once approved, else the service desk."""
     roles = desk.settings.roles
@@ -390,8 +416,10 @@ def _workers(desk: Desk, ticket: Ticket) -> tuple[str, ...]:
 
 
 def _comment(session, desk, ticket, sender, cmd, held, now) -> None:
+    """The requester's (or a watcher's) words go to whoever works the request; those of the
+    people working it (proven: on_reply) go to the requester."""
     record(session, ticket, "comment", sender, now, cmd.text)
-    if "requester" in held:
+    if held & _REQUESTER_SIDE:
         others = [p for p in _workers(desk, ticket) if p != sender]
         notify.queue(session, desk, "comment_to_team", others, now, ticket=ticket,
                      author=sender, text=cmd.text)

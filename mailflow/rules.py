@@ -1,8 +1,11 @@
-"""Classification rules: one TOML file per rule in ``rules/``, first match wins.
+"""Classification rules: one TOML file per rule in ``rules/``, the best-scoring match wins.
 
-Each file says which mails it matches (``[match]``) and how to classify them (``[set]``).
-Files are evaluated in file-name order; a rule without ``[match]`` matches every mail and
-must be the last file (the default).  See ``rules/README.md`` for the file format.
+Each file says which mails it matches (``[match]``), how strongly a matched mail is about
+it (its keywords, weighed by ``[score]``) and how to classify them (``[set]``), with the
+category's ``label`` for people to read.  Of the rules that match a mail, the one with the
+highest score wins; equal scores go to the earlier file in file-name order.  A rule without
+``[match]`` matches every mail and must be the last file (the default).  See
+``rules/README.md`` for the file format.
 """
 
 from __future__ import annotations
@@ -24,8 +27,15 @@ TIERS = ("L1", "L2", "L3", "IM")
 MAJOR_TIER = "L2"
 BODY_LIMIT = 5000
 """Only the first BODY_LIMIT characters of a body are matched."""
+LANGUAGES = ("zh-CN", "en")
+"""The languages a rule's ``label`` may name."""
+SUBJECT_WEIGHT = 2
+"""A keyword found in the subject counts this many times its weight."""
+WEIGHTS = {"strong": 3, "against": -1}
+"""The weight of a keyword listed in ``[score]`` (any other keyword of a rule weighs 1)."""
 
-_TOP_KEYS = ("description", "match", "set")
+_TOP_KEYS = ("description", "label", "match", "score", "set")
+_SCORE_KEYS = (*WEIGHTS, "base")
 _KEYWORD_KEYS = ("any", "subject_any", "all", "none")
 _MATCH_KEYS = (*_KEYWORD_KEYS, "regex", "from_domain")
 _SET_KEYS = ("kind", "category", "priority", "tier", "major", "desktop", "request_type")
@@ -170,6 +180,50 @@ _SHARED: weakref.WeakValueDictionary[tuple[bool, tuple[str, ...]], _Keywords] = 
 )
 
 
+class _Weights:
+    """How strongly a mail is about one rule: its keywords with their weights, and a base.
+
+    The subject and the body are each scanned once, left to right, longest keyword first at
+    each place, so a keyword inside a longer one of the same rule is not counted there:
+    against ``抄表单`` (-1), ``抄表`` (+1) does not count in "打印抄表单".  Each keyword found
+    counts once: SUBJECT_WEIGHT times its weight if it is in the subject, else its weight.
+    """
+
+    __slots__ = ("base", "floor", "weight", "_search")
+
+    def __init__(self, weight: dict[str, int], base: int) -> None:
+        self.base = base
+        self.weight = weight
+        # the lowest score a mail can get: every negative keyword, in the subject
+        self.floor = base + SUBJECT_WEIGHT * sum(min(w, 0) for w in weight.values())
+        self._search = re.compile(_trie_pattern(tuple(weight))).search if weight else None
+
+    def score(self, subject: str, text: str) -> int:
+        """The score of normalised ``subject`` and ``text`` (subject + "\\n" + body)."""
+        if self._search is None:
+            return self.base
+        in_subject = self._found(subject, 0, len(subject))
+        in_body = self._found(text, len(subject) + 1, len(text)) - in_subject
+        return (self.base + SUBJECT_WEIGHT * sum(self.weight[w] for w in in_subject)
+                + sum(self.weight[w] for w in in_body))
+
+    def _found(self, text: str, start: int, end: int) -> set[str]:
+        """The keywords in ``text[start:end]``, longest first at each place, not overlapping."""
+        found: set[str] = set()
+        m = self._search(text, start, end)
+        while m is not None:
+            i = m.start()
+            if text[i] in _ASCII_WORD and i > start and text[i - 1] in _ASCII_WORD:
+                m = self._search(text, i + 1, end)  # not at a word start: look further on
+                continue
+            found.add(m.group())
+            m = self._search(text, m.end(), end)
+        return found
+
+
+_NO_WEIGHTS = _Weights({}, 0)
+
+
 @dataclass(frozen=True, eq=False)
 class Rule:
     """One parsed rule file; ``catch_all`` rules have no ``[match]`` table."""
@@ -179,12 +233,18 @@ class Rule:
     description: str
     result: Classification
     catch_all: bool = True
+    label: dict[str, str] | None = None
+    weights: _Weights = _NO_WEIGHTS
     any: _Keywords | None = None
     subject_any: _Keywords | None = None
     all: _Keywords | None = None
     none: _Keywords | None = None
     regex: re.Pattern[str] | None = None
     from_domain: tuple[str, ...] | None = None
+
+    def score(self, subject: str, text: str) -> int:
+        """How strongly normalised ``subject`` and ``text`` are about this rule."""
+        return self.weights.score(subject, text)
 
     def matches(self, subject: str, text: str, domain: str, memo: dict[_Keywords, bool]) -> bool:
         """Test normalised ``subject``, normalised ``subject + "\\n" + body`` and ``domain``.
@@ -243,6 +303,10 @@ class RuleSet:
             raise RuleError("a rule set must end with a default rule (one without [match])")
         self.rules: tuple[Rule, ...] = rules
         self._uses_domain = any(r.from_domain is not None for r in rules)
+        self._labels: dict[tuple[str, str], str] = {}
+        for r in rules:
+            for language, text in (r.label or {}).items():
+                self._labels.setdefault((r.result.category, language), text)
 
     def __len__(self) -> int:
         return len(self.rules)
@@ -250,16 +314,37 @@ class RuleSet:
     def __repr__(self) -> str:
         return f"RuleSet({[r.name for r in self.rules]!r})"
 
-    def classify(self, subject: str, body: str, sender: str = "") -> Classification:
-        """Classify a new mail by the first rule that matches it."""
+    def _matching(self, subject: str, body: str, sender: str) -> tuple[list[Rule], str, str]:
+        """The rules that match a new mail, in file order, and its normalised subject and text."""
         subj = normalise(subject)
         text = subj + "\n" + normalise(body[:BODY_LIMIT])
         domain = _sender_domain(sender) if self._uses_domain and sender else ""
         memo: dict[_Keywords, bool] = {}
-        for rule in self.rules:
-            if rule.matches(subj, text, domain, memo):
-                return rule.result
-        return self.rules[-1].result  # unreachable: the last rule is a catch-all
+        return [r for r in self.rules if r.matches(subj, text, domain, memo)], subj, text
+
+    def scores(self, subject: str, body: str, sender: str = "") -> list[tuple[Rule, int]]:
+        """The rules that match a new mail, in file order, each with its score."""
+        rules, subj, text = self._matching(subject, body, sender)
+        return [(rule, rule.score(subj, text)) for rule in rules]
+
+    def classify(self, subject: str, body: str, sender: str = "") -> Classification:
+        """Classify a new mail by the matching rule with the highest score (earliest on a tie).
+
+        The default rule always matches, so there is always a rule.
+        """
+        rules, subj, text = self._matching(subject, body, sender)
+        if len(rules) == 2 and rules[0].weights.floor >= rules[1].weights.base:
+            return rules[0].result  # it cannot score below the default, which it precedes
+        best, best_score = rules[-1], None
+        for rule in rules:
+            score = rule.score(subj, text)
+            if best_score is None or score > best_score:
+                best, best_score = rule, score
+        return best.result
+
+    def label(self, category: str, language: str) -> str:
+        """The label of ``category`` in ``language`` (zh-CN or en), else the category code."""
+        return self._labels.get((category, language), category)
 
 
 # --- parsing and checking -------------------------------------------------------------
@@ -285,18 +370,18 @@ class _Checker:
                 self.add(f"{key}.{k}", f"unknown key; allowed: {', '.join(allowed)}")
         return value
 
-    def word_list(self, match: dict[str, Any], key: str) -> list[str] | None:
+    def word_list(self, match: dict[str, Any], key: str, table: str = "match") -> list[str] | None:
         if key not in match:
             return None
         value = match[key]
         if not isinstance(value, list) or not all(
             isinstance(w, str) and w.strip() for w in value
         ):
-            self.add(f"match.{key}", "must be a list of non-empty strings, "
+            self.add(f"{table}.{key}", "must be a list of non-empty strings, "
                      f"e.g. {key} = [\"网络\", \"VPN\"]")
             return None
         if not value:
-            self.add(f"match.{key}", "must not be empty; remove the key instead")
+            self.add(f"{table}.{key}", "must not be empty; remove the key instead")
             return None
         return value
 
@@ -369,6 +454,53 @@ def _parse_match(c: _Checker, match: dict[str, Any]) -> dict[str, Any]:
     return fields
 
 
+def _parse_label(c: _Checker, data: dict[str, Any]) -> dict[str, str] | None:
+    """``label = { zh-CN = "打印机", en = "Printer" }``: the category's name for people."""
+    if "label" not in data:
+        return None
+    value = data["label"]
+    example = 'e.g. label = { zh-CN = "打印机", en = "Printer" }'
+    if not isinstance(value, dict) or not value:
+        c.add("label", f"must be a table of language = text, {example}")
+        return None
+    label: dict[str, str] = {}
+    for language, text in value.items():
+        if language not in LANGUAGES:
+            c.add(f"label.{language}", f"unknown language; allowed: {', '.join(LANGUAGES)}")
+        elif not isinstance(text, str) or not text.strip():
+            c.add(f"label.{language}", f"must be a non-empty string, got {text!r}")
+        else:
+            label[language] = text.strip()
+    return label
+
+
+def _parse_score(c: _Checker, data: dict[str, Any], match: dict[str, Any],
+                 catch_all: bool) -> _Weights:
+    """The rule's weighed keywords: those of [match] weigh 1, [score] strong/against more."""
+    score = c.table(data, "score", _SCORE_KEYS) if "score" in data else {}
+    base = score.get("base", 0)
+    if isinstance(base, bool) or not isinstance(base, int) or not -1000 <= base <= 1000:
+        c.add("score.base", f"must be a whole number from -1000 to 1000, got {base!r}")
+        base = 0
+    weight: dict[str, int] = {}
+    for key in ("any", "subject_any", "all"):
+        words = match.get(key)
+        if isinstance(words, list):
+            weight.update((normalise(w), 1) for w in words if isinstance(w, str) and w.strip())
+    for key, points in WEIGHTS.items():
+        words = c.word_list(score, key, table="score")
+        if words is None:
+            continue
+        if catch_all:
+            c.add(f"score.{key}", "the default rule matches every mail: keywords cannot "
+                  "change its score; keep only score.base")
+        clash = [w for w in words if weight.get(normalise(w), 0) * points < 0]
+        if clash:
+            c.add(f"score.{key}", f"also weighed the other way: {', '.join(map(repr, clash))}")
+        weight.update((normalise(w), points) for w in words)
+    return _Weights(weight, base)
+
+
 def _parse_set(c: _Checker, s: dict[str, Any], stem: str) -> Classification | None:
     before = len(c.problems)
     for key in ("kind", "category", "priority"):
@@ -429,8 +561,12 @@ def _parse_file(path: Path, file: str) -> tuple[Rule | None, bool | None, list[P
         description = ""
     catch_all = "match" not in data
     fields: dict[str, Any] = {}
+    match: dict[str, Any] = {}
     if not catch_all:
-        fields = _parse_match(c, c.table(data, "match", _MATCH_KEYS))
+        match = c.table(data, "match", _MATCH_KEYS)
+        fields = _parse_match(c, match)
+    fields["label"] = _parse_label(c, data)
+    fields["weights"] = _parse_score(c, data, match, catch_all)
     if "set" not in data:
         c.add("set", "is required: a [set] table with kind, category and priority")
         result = None
@@ -473,7 +609,24 @@ def _scan(directory: Path) -> tuple[list[Rule], list[Problem]]:
     if not has_default:
         problems.append(Problem(where, "", "no default rule: the last file (e.g. "
                                 "99-default.toml) must have no [match] table"))
+    problems.extend(_label_clashes(rules))
     return rules, problems
+
+
+def _label_clashes(rules: list[Rule]) -> list[Problem]:
+    """Rules of one category must give it one label per language (RuleSet.label is one)."""
+    first: dict[tuple[str, str], Rule] = {}
+    problems = []
+    for rule in rules:
+        for language, text in (rule.label or {}).items():
+            other = first.setdefault((rule.result.category, language), rule)
+            if other.label and other.label[language] != text:
+                problems.append(Problem(
+                    str(rule.path), f"label.{language}",
+                    f"category {rule.result.category!r} is already labelled "
+                    f"{other.label[language]!r} by {other.path.name}; give both the same label",
+                ))
+    return problems
 
 
 def check_rules(directory: Path) -> list[Problem]:

@@ -11,8 +11,8 @@ from sqlalchemy import bindparam, func, insert, select, update
 from sqlalchemy.exc import SQLAlchemyError
 from sqlalchemy.orm import Session
 
-from mailflow import tracking
-from mailflow.models import Counter, Event, Inbound, Outbox, Person, Ticket
+from mailflow import lifecycle, senders, tracking
+from mailflow.models import Counter, Event, Inbound, Outbox, Party, Person, Ticket
 from mailflow.rules import Classification
 
 if TYPE_CHECKING:
@@ -121,6 +121,7 @@ def open_ticket(
     inbound.ticket_id = ticket.id
     tracking.remember(session, ticket, mail.message_id)
     remember_person(session, mail.from_addr, mail.from_name, now)
+    add_watchers(session, desk, ticket, mail.cc, mail.from_addr, now)
     record(
         session,
         ticket,
@@ -135,6 +136,32 @@ def open_ticket(
         major=ticket.major,
     )
     return ticket
+
+
+_INSERT_PARTY = insert(Party)
+MAX_WATCHERS = 20
+
+
+def add_watchers(
+    session: Session, desk: Desk, ticket: Ticket, addresses: list[str], actor: str,
+    now: datetime,
+) -> list[str]:
+    """Keep these people informed (the Cc of the first mail): not the desk, its staff or the
+    requester, who are on the ticket already. Returns the addresses added."""
+    roles = desk.settings.roles
+    known = set(senders.parties(session, ticket))
+    added = [
+        a for a in dict.fromkeys(a.strip().lower() for a in addresses if "@" in a)
+        if a != ticket.requester and a not in known and not senders.is_desk_address(desk, a)
+        and not roles.of(a) & lifecycle.STAFF_ROLES
+    ][: max(0, MAX_WATCHERS - len(known))]
+    if added:
+        session.connection().execute(_INSERT_PARTY, [
+            {"ticket_id": ticket.id, "address": a, "role": "watcher", "added_at": now,
+             "added_by": actor} for a in added
+        ])
+        record(session, ticket, "watchers", actor, now, ", ".join(added), added=added)
+    return added
 
 
 def confirm_deadline(desk: Desk, resolved_at: datetime) -> datetime:
@@ -280,6 +307,9 @@ def detail_json(session: Session, ticket: Ticket) -> dict[str, Any]:
             )
         )
     interactions.sort(key=lambda item: item[:3])
+    people = senders.parties(session, ticket)
+    data["watchers"] = sorted(a for a, roles in people.items() if "watcher" in roles)
+    data["vendor"] = next((a for a, roles in sorted(people.items()) if "vendor" in roles), None)
     data["interactions"] = [item[3] for item in interactions]
     data["events"] = [
         {"at": _iso(e.at), "action": e.action, "actor": e.actor, "detail": e.detail}

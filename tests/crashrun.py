@@ -80,14 +80,15 @@ def arm(point: str, after: int) -> None:
     """Wrap the function of `point` so that its `after`-th use kills the process."""
     count = Countdown(after)
     if point == "fetched":
-        fetch = ImapSource.fetch
+        fetch = ImapSource.fetch_batches
 
         def fetching(self: ImapSource, uids: Any) -> Iterator[Any]:
-            for item in fetch(self, uids):
-                count.tick()
-                yield item
+            for batch in fetch(self, uids):
+                for _ in batch:
+                    count.tick()
+                yield batch
 
-        ImapSource.fetch = fetching  # type: ignore[method-assign]
+        ImapSource.fetch_batches = fetching  # type: ignore[method-assign]
     elif point == "stored":
         mark_done = ImapSource.mark_done
 

@@ -70,18 +70,23 @@ def write_rules(directory: Path) -> Path:
     return directory
 
 
+MX = "mx.example.test"  # the desk's own MTA: it vouches for every scenario mail (DMARC pass)
+
+
 def scenario_desk(tmp: Path, **overrides: Any) -> Desk:
     """A desk with the scenario rules and explicit SLA targets (no mail servers needed)."""
     rules = write_rules(tmp / "rules")
     paths = {"rules": str(rules)}
-    config = desk_config(tmp, sla=SLA, **{"paths": paths, **overrides})
+    security = {"trusted_authserv_id": MX, **overrides.pop("security", {})}
+    config = desk_config(tmp, sla=SLA, **{"paths": paths, "security": security, **overrides})
     return Desk(load_config(config))
 
 
 def send(desk: Desk, when: str, sender: str, subject: str, body: str) -> str:
     """One mail at local time `when`, through the pipeline; returns the ticket ref."""
     now = local(when)
-    raw = make_mail(sender, subject, body, date=now)
+    passed = f"{MX}; dmarc=pass header.from={sender.rpartition('@')[2]}"
+    raw = make_mail(sender, subject, body, date=now, headers={"Authentication-Results": passed})
     inbound = intake.ingest_bytes(desk, raw, now)
     assert inbound is not None
     outcome = pipeline.process_one(desk, inbound, now)

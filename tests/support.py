@@ -140,7 +140,7 @@ def make_mail(
     date: datetime | None = None,
 ) -> bytes:
     """A mail as a person's client would send it."""
-    msg = EmailMessage(policy=SMTP)
+    msg = EmailMessage(policy=SMTP.clone(max_line_length=998))  # msg-ids stay unfolded
     msg["From"] = f"{name} <{sender}>" if name else sender
     msg["To"] = to
     if cc:
@@ -179,10 +179,16 @@ def reply(
     keep_subject: bool = True,
     subject: str | None = None,
     quote: bool = True,
-    to: str = DESK,
+    to: str | None = None,
 ) -> bytes:
-    """A reply to a mail we received, quoting it below like Outlook does."""
+    """A reply to a mail we received, quoting it below like Outlook does.
+
+    Like every mail client it goes to the original's Reply-To (which carries the desk's reply
+    token for that recipient), else to the desk; `to` overrides that.
+    """
     msg = parsed(original)
+    if to is None:
+        to = str(msg.get("Reply-To") or DESK)
     message_id = msg["Message-ID"].strip()
     refs = (msg.get("References", "") + " " + message_id).split()
     new_subject = (

@@ -3,17 +3,21 @@ status, never a traceback; `check` names every problem; `show --json` in a fixed
 
 from __future__ import annotations
 
+import argparse
 import json
+import os
 import re
 import shutil
 import socket
 import sqlite3
+import subprocess
+import sys
 from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
 from sqlalchemy import Engine, event, select
-from support import REPO, desk_config, make_desk, make_mail, write_config
+from support import REPO, desk_config, make_desk, make_mail, run_once, write_config
 
 import mailflow.cli
 import mailflow.db
@@ -284,3 +288,66 @@ def test_show_json_orders_interactions_by_time_then_id(
     assert [(item["to"], item["subject"]) for item in interactions[4:]] == [
         tuple(row) for row in outbound
     ]
+
+
+# -- help, pipes, files that are no mail ------------------------------------------------------
+
+
+def _options(parser: argparse.ArgumentParser, path: str = "mailflow") -> Iterator[tuple]:
+    """(command, option, help) for every option and argument of every sub-command."""
+    for action in parser._actions:
+        if isinstance(action, argparse._SubParsersAction):
+            for name, sub in action.choices.items():
+                yield from _options(sub, f"{path} {name}")
+        elif not isinstance(action, argparse._HelpAction):
+            yield path, "/".join(action.option_strings) or action.dest, action.help
+
+
+def test_help_describes_every_option_of_every_command(capsys):
+    options = list(_options(mailflow.cli.parser()))
+    assert {command for command, _, _ in options} >= {
+        "mailflow", "mailflow run", "mailflow show", "mailflow report", "mailflow status"
+    }
+    undescribed = [f"{command} {option}" for command, option, text in options if not text]
+    assert undescribed == []
+    with pytest.raises(SystemExit) as exited:
+        main(["show", "--help"])
+    assert exited.value.code == 0
+    out = capsys.readouterr().out
+    assert "INC-42" in out and "JSON" in out
+
+
+def test_a_closed_pipe_ends_the_command_quietly(tmp_path, capsys):
+    """`mailflow show INC-1 | head -2`: the reader has gone before the output is written."""
+    config = desk_config(tmp_path)
+    eml = tmp_path / "m.eml"
+    eml.write_bytes(make_mail("pipe@example.test", "打印机卡纸", "三楼打印机\n" * 50))
+    assert cli(config, capsys, "ingest", str(eml))[:2] == (0, "processed INC-1\n")
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join(sys.path)}
+    for command in (["show", "INC-1"], ["show", "INC-1", "--json"], ["tickets"]):
+        read, write = os.pipe()
+        os.close(read)  # `head` has read its lines and exited
+        try:
+            done = subprocess.run(
+                [sys.executable, "-m", "mailflow", "--config", str(config), *command],
+                stdout=write, stderr=subprocess.PIPE, env=env, timeout=120,
+            )
+        finally:
+            os.close(write)
+        assert done.stderr.decode() == "", command  # no "Broken pipe", no traceback
+        assert done.returncode == 141, command  # as a command ended by SIGPIPE
+
+
+def test_a_file_that_is_no_mail_is_labelled_so(tmp_path, clock):
+    desk = make_desk(tmp_path, maildir={"path": "var/maildir"})
+    new = tmp_path / "var" / "maildir" / "new"
+    new.mkdir(parents=True, exist_ok=True)
+    (new / "1700000000.1.host").write_bytes(b"\x89PNG\r\n\x1a\n\x00\x00\x00\rIHDR junk")
+    (new / "1700000000.2.host").write_bytes(b"just some notes\nsaved in the wrong folder\n")
+    (new / "1700000000.3.host").write_bytes(b"")
+    result = run_once(desk, clock)
+    assert result.fetched == 3
+    with desk.db.sessions() as session:
+        rows = session.execute(select(Inbound.state, Inbound.reason)).all()
+    desk.close()
+    assert [tuple(row) for row in rows] == [("ignored", "not a mail message")] * 3

@@ -114,7 +114,7 @@ def test_l1_resolves_and_requester_confirms(desk, mailbox, smtp, clock, capsys):
 def test_requester_saying_resolved_to_a_resolution_confirms_it(desk, mailbox, smtp, clock,
                                                                 capsys):
     report(desk, mailbox, clock, "三楼打印机卡纸", "打印机卡纸，无法打印。")
-    answer(desk, mailbox, clock, last_to(smtp, "desk1@example.test"), "desk2@example.test",
+    answer(desk, mailbox, clock, last_to(smtp, "desk2@example.test"), "desk2@example.test",
            "resolved: paper removed")
     answer(desk, mailbox, clock, last_to(smtp, USER), USER, "已解决，谢谢！")
     assert show(desk, capsys)["status"] == "closed"
@@ -165,7 +165,7 @@ def test_non_desktop_incident_goes_from_l1_straight_to_l3(desk, mailbox, smtp, c
     report(desk, mailbox, clock, "Outlook 无法发送邮件", "点击发送后报错 0x800CCC0E")
     ticket = show(desk, capsys)
     assert (ticket["category"], ticket["tier"]) == ("email", "L1")
-    answer(desk, mailbox, clock, last_to(smtp, "desk1@example.test"), "desk2@example.test",
+    answer(desk, mailbox, clock, last_to(smtp, "desk2@example.test"), "desk2@example.test",
            "escalate")
     assert show(desk, capsys)["tier"] == "L3"
     assert not sent_to(smtp, "l2@example.test"), "L2 is not on a non-desktop path"
@@ -209,10 +209,11 @@ def test_unauthorised_resolve_is_refused_with_why_and_what_is_allowed(desk, mail
                                                                       capsys):
     report(desk, mailbox, clock, "我的电脑蓝屏了", "开机后蓝屏，无法进入系统。")
     notice = last_to(smtp, "desk1@example.test")
-    answer(desk, mailbox, clock, notice, "l3@example.test", "已解决\n重装了系统")
+    answer(desk, mailbox, clock, notice, "desk1@example.test", "升级")  # now L2's incident
+    answer(desk, mailbox, clock, notice, "desk1@example.test", "已解决\n重装了系统")
     ticket = show(desk, capsys)
     assert ticket["status"] == "open" and ticket["solution"] is None
-    refusal = last_to(smtp, "l3@example.test")
+    refusal = last_to(smtp, "desk1@example.test")
     text = body_of(refusal)
     assert "未执行" in text and "resolve" in text
     assert "当前处理组" in text and "事件经理" in text, "says who may"
@@ -221,7 +222,7 @@ def test_unauthorised_resolve_is_refused_with_why_and_what_is_allowed(desk, mail
         "a refused resolution never reaches the requester"
     )
     refused = [e for e in ticket["events"] if e["action"] == "refused"]
-    assert refused[0]["actor"] == "l3@example.test"
+    assert refused[0]["actor"] == "desk1@example.test"
 
 
 def test_requester_command_refused_but_the_text_reaches_the_team(desk, mailbox, smtp, clock,
@@ -252,7 +253,8 @@ def test_comments_go_to_the_requester_from_the_desk_and_notes_stay_internal(desk
     assert len(sent_to(smtp, USER)) == before + 1
 
     answer(desk, mailbox, clock, notice, "desk1@example.test", "内部：怀疑是磁盘控制器驱动问题")
-    answer(desk, mailbox, clock, notice, "desk2@example.test", "note: same model as INC-0")
+    own = sent_to(smtp, "desk2@example.test")[0]  # each replies to the notice they got
+    answer(desk, mailbox, clock, own, "desk2@example.test", "note: same model as INC-0")
     assert len(sent_to(smtp, USER)) == before + 1, "internal notes never reach the requester"
     assert "磁盘控制器驱动" in body_of(last_to(smtp, "desk2@example.test"))
     assert "内部备注" in str(parsed(last_to(smtp, "desk2@example.test"))["Subject"])
@@ -282,7 +284,7 @@ def test_assign_and_priority_by_the_desk(desk, mailbox, smtp, clock, capsys):
     assert ticket["priority"] == "P1"
     assert ticket["due_at"] == "2026-11-24T06:00:00Z"  # P1: 4 h around the clock
 
-    answer(desk, mailbox, clock, notice, USER, "priority P1")
+    answer(desk, mailbox, clock, sent_to(smtp, USER)[0], USER, "priority P1")
     answer(desk, mailbox, clock, notice, "desk1@example.test", "指派")
     assert "缺少参数" in body_of(last_to(smtp, "desk1@example.test"))
     ticket = show(desk, capsys)
@@ -399,7 +401,8 @@ def test_reopen_goes_back_to_the_tier_that_resolved_it_and_moves_the_deadline(
     answer(desk, mailbox, clock, reopened, "l2@example.test", "resolved\nreplaced the disk")
     answer(desk, mailbox, clock, reopened, "l3@example.test", "reopen")
     assert show(desk, capsys)["status"] == "resolved"
-    answer(desk, mailbox, clock, reopened, "desk1@example.test", "重开\n用户电话反馈仍有问题")
+    answer(desk, mailbox, clock, sent_to(smtp, "desk1@example.test")[0], "desk1@example.test",
+           "重开\n用户电话反馈仍有问题")
     ticket = show(desk, capsys)
     assert (ticket["status"], ticket["tier"]) == ("open", "L2")
     assert actions(ticket).count("reopened") == 2
@@ -592,6 +595,12 @@ def test_a_reply_to_the_digest_naming_a_ticket_acts_on_it(desk, mailbox, smtp, c
     assert "INC-1" in body_of(todo) and "[INC-1]" not in str(parsed(todo)["Subject"])
     answer(desk, mailbox, clock, todo, "desk1@example.test", "已解决\n清理了进纸器。",
            subject="Re: [INC-1] 三楼打印机卡纸")
+    # The digest names many tickets and carries no ticket's reply token: the engineer is
+    # asked to answer the mail that does, and that answer acts.
+    assert show(desk, capsys)["status"] == "open"
+    notice = last_to(smtp, "desk1@example.test")
+    assert "INC-1" in str(parsed(notice)["Subject"]) and "回复本邮件" in body_of(notice)
+    answer(desk, mailbox, clock, notice, "desk1@example.test", "已解决\n清理了进纸器。")
     assert show(desk, capsys)["status"] == "resolved"
     # Without a ticket in the subject a reply to the digest still belongs to no ticket.
     answer(desk, mailbox, clock, todo, "desk1@example.test", "收到")

@@ -209,7 +209,14 @@ def test_answers_to_the_form_as_people_write_them(strict_desk, mailbox, smtp, cl
     assert "approval_refused" not in [e["action"] for e in ticket["events"]]
     # The service desk makes out the form (seed §4.2 step 2): it may fill a field in.
     again = [m.content for m in sent_to(smtp, REQUESTER)][-1]
+    # A fresh mail in the desk's name proves nothing (it answers no mail sent to the desk)…
     mailbox.append(answer(again, "desk1@example.test", "收货人位置：B座3楼"))
+    run_once(desk, clock)
+    assert show(desk, capsys)["status"] == "pending"
+    # …so the desk answers the notice it was sent about the request.
+    [notice] = [m for m in sent_to(smtp, "desk1@example.test")
+                if "请回复本邮件" in str(parsed(m.content)["Subject"])]
+    mailbox.append(answer(notice.content, "desk1@example.test", "收货人位置：B座3楼"))
     run_once(desk, clock)
     ticket = show(desk, capsys)
     assert (ticket["status"], ticket["form"]["consignee_location"]) == (

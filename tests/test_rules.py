@@ -8,6 +8,7 @@ import pytest
 
 from mailflow.errors import RuleError
 from mailflow.rules import (
+    LANGUAGES,
     Classification,
     Problem,
     RuleSet,
@@ -16,7 +17,8 @@ from mailflow.rules import (
     load_rules_lenient,
 )
 
-RULES_DIR = Path(__file__).resolve().parent.parent / "rules"
+ROOT = Path(__file__).resolve().parent.parent
+RULES_DIR = ROOT / "rules"
 
 SIGNATURE = (
     "\n\n--\n张三\n某市供电局 市场营销部 计量中心\n电话：0769-12345678\n"
@@ -156,6 +158,15 @@ CASES: list[tuple[str, str, tuple[str, str, str, str, str | None, bool, bool]]] 
     ("PC very slow", "My computer freezes every few minutes.",
      ("80-desktop", INC, "desktop", "P3", "L1", False, True)),
     ("显示器坏了，申请更换", "显示器屏幕有一条竖线。",
+     ("80-desktop", INC, "desktop", "P3", "L1", False, True)),
+    # a department, a form or a business system's print function named beside the device
+    ("营销部3楼打印机无法打印", "营销部3楼的公用打印机从早上开始无法打印。",
+     ("60-printer", INC, "printer", "P4", "L1", False, True)),
+    ("打印不了抄表单", "今天要打抄表单，点了打印没反应。",
+     ("60-printer", INC, "printer", "P4", "L1", False, True)),
+    ("打印电费发票报错", "在营销系统里打印电费发票提示“打印模板加载失败”，打印机是好的。",
+     ("40-marketing", INC, "marketing", "P2", "L1", False, False)),
+    ("抄表班电脑特别卡", "抄表班的电脑最近特别卡，开机以后点什么都要转半天。",
      ("80-desktop", INC, "desktop", "P3", "L1", False, True)),
     # default
     ("咨询", "请问下周的培训在哪个会议室？",
@@ -414,3 +425,134 @@ def test_ruleset_needs_default(tmp_path: Path) -> None:
     rs = load_rules(d)
     with pytest.raises(RuleError):
         RuleSet(rs.rules[:1])
+
+
+# --- scoring: the best-scoring matching rule wins ------------------------------------------
+
+
+def test_highest_score_wins_over_file_order(tmp_path: Path) -> None:
+    d = write(tmp_path / "rules", {
+        "10-marketing.toml": rule('any = ["营销"]', category="marketing"),
+        "20-printer.toml": rule('any = ["打印机", "打印"]', category="printer"),
+        "99-default.toml": DEFAULT,
+    })
+    rs = load_rules(d)
+    assert rs.classify("营销部3楼打印机无法打印", "").category == "printer"
+    assert rs.classify("营销部的问题", "").category == "marketing"
+
+
+def test_subject_counts_double(tmp_path: Path) -> None:
+    d = write(tmp_path / "rules", {
+        "10-network.toml": rule('any = ["网络"]'),
+        "20-printer.toml": rule('any = ["打印"]', category="printer"),
+        "99-default.toml": DEFAULT,
+    })
+    rs = load_rules(d)
+    assert rs.classify("打印不了", "连的是网络打印").category == "printer"
+    assert rs.classify("网络不通", "打印也不行").category == "network"
+    assert [(r.name, n) for r, n in rs.scores("打印不了", "网络打印")] == [
+        ("10-network", 1), ("20-printer", 2), ("99-default", 0)]
+
+
+def test_longest_keyword_counts_once(tmp_path: Path) -> None:
+    d = write(tmp_path / "rules", {
+        "10-printer.toml": rule('any = ["打印", "打印机"]', category="printer"),
+        "20-network.toml": rule('any = ["网络", "无法"]'),
+        "99-default.toml": DEFAULT,
+    })
+    rs = load_rules(d)
+    # 打印机 counts 2 (in the subject), not also the 打印 inside it: 网络 + 无法 win.
+    assert rs.classify("网络打印机无法使用", "").category == "network"
+    # a keyword counts once however often it occurs
+    assert rs.classify("打印机", "打印 打印 打印 网络 无法").category == "printer"
+
+
+def test_strong_against_and_base(tmp_path: Path) -> None:
+    d = write(tmp_path / "rules", {
+        "10-metering.toml": rule('any = ["抄表", "采集"]\n[score]\nagainst = ["抄表单"]\n'
+                                 'strong = ["集中器"]', category="metering"),
+        "20-printer.toml": rule('any = ["打印"]', category="printer"),
+        "30-major.toml": rule('any = ["瘫痪"]\n[score]\nbase = 100', category="major",
+                              priority="P1", extra="major = true\n"),
+        "99-default.toml": DEFAULT,
+    })
+    rs = load_rules(d)
+    assert rs.classify("抄表单打印不出来", "").category == "printer"
+    assert rs.classify("抄表单丢了", "").category == "other"  # against outweighs: default
+    assert rs.classify("抄表数据上传失败", "附上抄表单").category == "metering"  # 2 - 1
+    assert rs.classify("打印不了", "采集失败，集中器离线").category == "metering"  # 1 + 3 > 2
+    assert rs.classify("求助", "集中器").category == "other"  # strong words do not match
+    assert rs.classify("打印打印打印", "主站瘫痪").category == "major"
+
+
+def test_rules_without_keywords_still_win_ties(tmp_path: Path) -> None:
+    d = write(tmp_path / "rules", {
+        "10-ticket.toml": rule(r'regex = "^工单\\s*\\d+"', category="ticket"),
+        "99-default.toml": DEFAULT,
+    })
+    assert load_rules(d).classify("求助", "工单 123").category == "ticket"
+
+
+def test_labels(tmp_path: Path) -> None:
+    d = write(tmp_path / "rules", {
+        "10-printer.toml": 'label = { zh-CN = "打印机", en = "Printer" }\n'
+                           + rule('any = ["打印"]', category="printer"),
+        "20-scanner.toml": rule('any = ["扫描"]', category="printer"),
+        "30-net.toml": 'label = { en = "Network" }\n' + rule('any = ["网络"]'),
+        "99-default.toml": DEFAULT,
+    })
+    rs = load_rules(d)
+    assert (rs.label("printer", "zh-CN"), rs.label("printer", "en")) == ("打印机", "Printer")
+    assert (rs.label("network", "en"), rs.label("network", "zh-CN")) == ("Network", "network")
+    assert rs.label("紧急", "zh-CN") == "紧急"  # a category no rule labels: its code
+
+
+def test_shipped_rules_have_labels(ruleset: RuleSet) -> None:
+    for r in ruleset.rules:
+        assert r.label is not None and set(r.label) == set(LANGUAGES), r.name
+    assert ruleset.label("printer", "zh-CN") == "打印机"
+    assert ruleset.label("printer", "en") == "Printer"
+
+
+def test_packaged_rules_are_the_shipped_rules() -> None:
+    packaged = ROOT / "mailflow" / "default" / "rules"
+    names = sorted(p.name for p in RULES_DIR.iterdir())
+    assert sorted(p.name for p in packaged.iterdir()) == names
+    for name in names:
+        assert (packaged / name).read_bytes() == (RULES_DIR / name).read_bytes(), name
+
+
+@pytest.mark.parametrize(
+    ("files", "expected"),
+    [
+        ({"10-x.toml": rule('any = ["a"]\n[score]\nbase = "high"')}, {("10-x.toml", "score.base")}),
+        ({"10-x.toml": rule('any = ["a"]\n[score]\nbase = true')}, {("10-x.toml", "score.base")}),
+        ({"10-x.toml": rule('any = ["a"]\n[score]\nstrong = "b"')},
+         {("10-x.toml", "score.strong")}),
+        ({"10-x.toml": rule('any = ["a"]\n[score]\nweak = ["b"]')}, {("10-x.toml", "score.weak")}),
+        ({"10-x.toml": rule('any = ["a"]\n[score]\nagainst = ["a"]')},
+         {("10-x.toml", "score.against")}),
+        ({"10-x.toml": 'score = 3\n' + rule('any = ["a"]')}, {("10-x.toml", "score")}),
+        ({"10-x.toml": 'label = "打印机"\n' + rule('any = ["a"]')}, {("10-x.toml", "label")}),
+        ({"10-x.toml": 'label = { zh_CN = "打印机" }\n' + rule('any = ["a"]')},
+         {("10-x.toml", "label.zh_CN")}),
+        ({"10-x.toml": 'label = { en = " " }\n' + rule('any = ["a"]')},
+         {("10-x.toml", "label.en")}),
+        ({"10-x.toml": 'label = { en = "Printer" }\n' + rule('any = ["a"]', category="printer"),
+          "20-y.toml": 'label = { en = "Printing" }\n' + rule('any = ["b"]', category="printer")},
+         {("20-y.toml", "label.en")}),
+        ({"99-default.toml": DEFAULT + '[score]\nstrong = ["a"]\n'},
+         {("99-default.toml", "score.strong")}),
+    ],
+    ids=["base-type", "base-bool", "strong-type", "unknown-score-key", "both-ways",
+         "score-not-table", "label-not-table", "label-language", "label-empty", "label-clash",
+         "default-keywords"],
+)
+def test_score_and_label_problems(
+    tmp_path: Path, files: dict[str, str], expected: set[tuple[str, str]]
+) -> None:
+    files.setdefault("99-default.toml", DEFAULT)
+    problems = check_rules(write(tmp_path / "rules", files))
+    assert keyed(problems) == expected
+    with pytest.raises(RuleError):
+        load_rules(tmp_path / "rules")

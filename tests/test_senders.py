@@ -12,7 +12,7 @@ import json
 
 import pytest
 from sqlalchemy import select
-from support import DESK, make_desk, make_mail, reply, run_once
+from support import DESK, make_desk, make_mail, parsed, reply, run_once
 
 from mailflow.cli import main
 from mailflow.models import Inbound
@@ -50,37 +50,72 @@ def opened(desk, mailbox, smtp, clock):
 
 # -- roles --------------------------------------------------------------------------------------
 
+MX = "mx.example.test"
+
+
+@pytest.fixture
+def desk(tmp_path, mailbox, smtp):
+    """The test desk, whose own MTA vouches for senders (DMARC): these tests are about roles."""
+    made = make_desk(tmp_path, mailbox=mailbox, smtp=smtp, security={"trusted_authserv_id": MX})
+    yield made
+    made.close()
+
+
+def proven(raw: bytes, sender: str) -> bytes:
+    """The mail as our MTA delivers it after a DMARC pass for the sender's domain."""
+    domain = sender.rpartition("@")[2]
+    return f"Authentication-Results: {MX}; dmarc=pass header.from={domain}\r\n".encode() + raw
+
+
 REFUSED = [
+    (USER, "resolve"),  # the requester cannot resolve their own incident
+    (USER, "指派 l3@example.test"),
+    ("desk2@example.test", "转问题"),  # only the incident manager hands over to problem
+    ("im@example.test", "待用户 请问是哪台电脑？"),  # only the owning tier asks the requester
+]
+# Not on an L1 incident at all: recorded for the staff, passed on to nobody, never refused.
+STRANGERS = [
     (STRANGER, "已解决\n重启就好了"),
     (STRANGER, "assign stranger@elsewhere.test"),
     (STRANGER, "priority P1"),
-    (STRANGER, "升级"),
-    (STRANGER, "转问题"),
-    (USER, "resolve"),  # the requester cannot resolve their own incident
-    (USER, "指派 l3@example.test"),
-    ("l2@example.test", "已解决"),  # L2 does not own an L1 incident
+    ("l2@example.test", "已解决"),  # L2 is no tier of an L1 incident yet
     ("l3@example.test", "priority P1"),
-    ("post@example.test", "problem"),  # only the incident manager hands over to problem
+    ("post@example.test", "problem"),  # the post lead is on major incidents only
 ]
 
 
 @pytest.mark.parametrize(("sender", "command"), REFUSED)
 def test_commands_need_the_right_role(sender, command, desk, mailbox, smtp, clock, capsys, opened):
     before = cli_json(desk, capsys, "show", "INC-1")
-    mailbox.append(reply(opened, sender, command))
+    had = len(sent_to(smtp, sender))
+    mailbox.append(proven(reply(opened, sender, command), sender))
     run_once(desk, clock)
     after = cli_json(desk, capsys, "show", "INC-1")
     assert fields(after) == fields(before), "nothing changed"
     refused = [e for e in after["events"] if e["action"] == "refused"]
     assert len(refused) == 1 and refused[0]["actor"] == sender
-    assert len(sent_to(smtp, sender)) == (2 if sender == USER else 1), "told why, once"
+    assert len(sent_to(smtp, sender)) == had + 1, "told why, once"
+
+
+@pytest.mark.parametrize(("sender", "command"), STRANGERS)
+def test_people_not_on_the_ticket_change_nothing(sender, command, desk, mailbox, smtp, clock,
+                                                 capsys, opened):
+    before = cli_json(desk, capsys, "show", "INC-1")
+    mailbox.append(proven(reply(opened, sender, command), sender))
+    run_once(desk, clock)
+    after = cli_json(desk, capsys, "show", "INC-1")
+    assert fields(after) == fields(before), "nothing changed"
+    assert [e["actor"] for e in after["events"] if e["action"] == "stranger"] == [sender]
+    assert not [e for e in after["events"] if e["action"] == "refused"]
+    [told] = sent_to(smtp, sender)
+    assert "INC-1" not in str(parsed(told.content)["Subject"]), "names nothing of the ticket"
 
 
 def test_the_right_roles_are_obeyed(desk, mailbox, smtp, clock, capsys, opened):
-    mailbox.append(reply(opened, "desk1@example.test", "优先级 P2"))
+    mailbox.append(reply(opened, "desk1@example.test", "优先级 P2"))  # their own notice
     run_once(desk, clock)
     assert cli_json(desk, capsys, "show", "INC-1")["priority"] == "P2"
-    mailbox.append(reply(opened, "im@example.test", "升级"))
+    mailbox.append(proven(reply(opened, "im@example.test", "升级"), "im@example.test"))
     run_once(desk, clock)
     assert cli_json(desk, capsys, "show", "INC-1")["tier"] != "L1"
 
@@ -207,8 +242,8 @@ def test_a_display_name_naming_the_desk_is_only_a_name(desk, mailbox, smtp, cloc
     run_once(desk, clock)
     ticket = cli_json(desk, capsys, "show", "INC-1")
     assert (ticket["status"], ticket["priority"]) == ("open", "P3")
-    refused = [e for e in ticket["events"] if e["action"] == "refused"]
-    assert [e["actor"] for e in refused] == ["evil@evil.test"]
+    strangers = [e for e in ticket["events"] if e["action"] == "stranger"]
+    assert [e["actor"] for e in strangers] == ["evil@evil.test"]
     # Ignored either as the desk's own address or, where Python's stricter getaddresses
     # (e.g. Debian's 3.11.2) finds no address in the ambiguous From, as no sender at all.
     assert "desk's own address" in reasons(desk)[-1] or "no sender" in reasons(desk)[-1]

@@ -244,7 +244,8 @@ def test_a_missed_response_target_is_recorded_once(desk, mailbox, smtp, clock, c
     assert scan(desk, clock).response_breached == []
     clock.now = shanghai(24, 12, 1)
     # INC-3 is answered late before the job runs: the reply itself records the breach.
-    answer(desk, mailbox, clock, notices[2], "desk2@example.test", "正在查看。")
+    answer(desk, mailbox, clock, sent_to(smtp, "desk2@example.test")[2], "desk2@example.test",
+           "正在查看。")
     assert scan(desk, clock).response_breached == ["INC-1"]
     clock.now = shanghai(24, 14, 0)
     assert scan(desk, clock).response_breached == []
