@@ -4,15 +4,15 @@ A claim moves the row's due time 10 minutes on (`CLAIM_FOR`); recording the clai
 another relay on the same host see that the claimer's process is gone and send the mail
 at once instead of after those 10 minutes. A plain ADD COLUMN: no table rebuild.
 
-Revision ID: 0008
-Revises: 0007
+Revision ID: 0009
+Revises: 0008
 """
 
 import sqlalchemy as sa
 from alembic import op
 
-revision = "0008"
-down_revision = "0007"
+revision = "0009"
+down_revision = "0008"
 branch_labels = None
 depends_on = None
 
