@@ -17,14 +17,14 @@ from dataclasses import replace
 from datetime import datetime
 from typing import TYPE_CHECKING, Any
 
-from sqlalchemy import select, update
+from sqlalchemy import bindparam, select, update
 from sqlalchemy.orm import Session
 
-from mailflow import commands, lifecycle, notify, refusals, sla
+from mailflow import commands, lifecycle, notify, parties, refusals, sla
 from mailflow.commands import Command
 from mailflow.models import Event, Inbound, Ticket
 from mailflow.similar import similar_resolved
-from mailflow.tickets import SYSTEM, confirm_deadline, record
+from mailflow.tickets import SYSTEM, confirm_deadline, public, record
 
 if TYPE_CHECKING:
     from mailflow.desk import Desk
@@ -46,6 +46,8 @@ _COURTESY = sorted(
 )
 _NOT_WORDS = re.compile(r"[\W_]+", re.UNICODE)
 USAGE = {"assign": "指派 <邮箱> / assign <email>", "priority": "优先级 P1 / priority P1..P4"}
+# Actions that are no response to the incident (the first staff action is): asking its state.
+NOT_A_RESPONSE = frozenset({"status"})
 
 
 # -- new incidents -----------------------------------------------------------------------
@@ -205,12 +207,17 @@ def on_reply(
             record(session, ticket, "comment", sender, now, cmd.text)
             tell_team(session, desk, ticket, sender, cmd.text, now)
         return
-    why = why_not(desk, ticket, cmd, held)
+    if "vendor" in held:
+        parties.note_vendor_reply(session, ticket, sender, now)
+    why = why_not(desk, ticket, cmd, held) or parties.why_not(
+        session, desk, ticket, cmd, sender, held
+    )
     if why is not None:
         refuse(session, desk, ticket, sender, cmd, why, held, now, mail.message_id)
         return
     APPLY[cmd.action](session, desk, ticket, sender, cmd, held, now)
-    if lifecycle.is_staff(held) and sender != ticket.requester:
+    responds = cmd.action not in NOT_A_RESPONSE
+    if responds and lifecycle.is_staff(held) and sender != ticket.requester:
         mark_responded(session, ticket, sender, now)
     target = lifecycle.INCIDENT[cmd.action].to
     if target:
@@ -226,8 +233,11 @@ def courtesy(text: str) -> bool:
 
 
 def acknowledges(cmd: Command) -> bool:
-    """Whether a user's reply only confirms or says thanks: nothing to act on."""
-    return cmd.action in ("confirm", "resolve") or (cmd.action == "comment" and courtesy(cmd.said))
+    """Whether a user's reply only confirms, says thanks or asks the state: nothing to act on
+    (and no new incident when it answers one closed long ago)."""
+    return cmd.action in ("confirm", "resolve", "status") or (
+        cmd.action == "comment" and courtesy(cmd.said)
+    )
 
 
 def interpret(ticket: Ticket, cmd: Command, held: frozenset[str]) -> Command | None:
@@ -357,13 +367,14 @@ Apply = Callable[..., None]  # (session, desk, ticket, sender, cmd, held, now)
 
 def _comment(session, desk, ticket, sender, cmd, held, now) -> None:
     text = cmd.text.strip()
-    record(session, ticket, "comment", sender, now, text)
     if lifecycle.is_staff(held) and sender != ticket.requester:
+        record(session, ticket, "comment", sender, now, text, public=bool(text))
         if text:  # forwarded from the desk address: the desk stays the single contact
             notify.queue(
-                session, desk, "comment", [ticket.requester], now, ticket=ticket, text=text
+                session, desk, "comment", public(session, ticket), now, ticket=ticket, text=text
             )
         return
+    record(session, ticket, "comment", sender, now, text)
     if "requester" in held and ticket.status == "pending":
         set_status(session, desk, ticket, "open", sender, now, "requester answered")
     if text:
@@ -393,7 +404,7 @@ def _resolve(session, desk, ticket, sender, cmd, held, now) -> None:
         session,
         desk,
         "resolved",
-        [ticket.requester],
+        public(session, ticket),
         now,
         ticket=ticket,
         confirm_by=confirm_deadline(desk, now),
@@ -450,7 +461,16 @@ def _assign(session, desk, ticket, sender, cmd, held, now) -> None:
 
 def _priority(session, desk, ticket, sender, cmd, held, now) -> None:
     old = ticket.priority
-    ticket.priority = cmd.argument
+    replan(session, desk, ticket, cmd.argument, now)
+    record(
+        session, ticket, "priority", sender, now, f"{old} → {cmd.argument}", old=old,
+        new=cmd.argument,
+    )
+
+
+def replan(session: Session, desk: Desk, ticket: Ticket, priority: str, now: datetime) -> None:
+    """Give the incident a priority and re-plan its SLA from the new target."""
+    ticket.priority = priority
     refresh_due(session, desk, ticket, now)
     # The new target re-plans the incident: a warning or breach the new target has not
     # reached yet is to come (once), as if the incident had had this priority all along.
@@ -463,17 +483,35 @@ def _priority(session, desk, ticket, sender, cmd, held, now) -> None:
         ticket.sla_breached_at = None
     if ticket.responded_at is None:
         ticket.response_due_at = desk.due(ticket.priority, ticket.created_at, "response")
-    record(
-        session, ticket, "priority", sender, now, f"{old} → {cmd.argument}", old=old,
-        new=cmd.argument,
-    )
+
+
+_SET_BY_HAND = select(Event.id).where(  # a `priority` command (the rule's own is SYSTEM's)
+    Event.ticket_id == bindparam("ticket_id"), Event.action == "priority", Event.actor != SYSTEM
+).limit(1)
+
+
+def _category(session, desk, ticket, sender, cmd, held, now) -> None:
+    """Correct the category; the priority follows the new category's rule unless someone set
+    it by hand (`priority`), and the SLA is re-planned from it."""
+    rule = parties.category_rule(desk, ticket, cmd.argument)
+    assert rule is not None  # why_not checked it
+    parties.set_category(session, desk, ticket, rule, sender, now)
+    by_hand = session.connection().scalar(_SET_BY_HAND, {"ticket_id": ticket.id}) is not None
+    old = ticket.priority
+    if not by_hand and rule.result.priority != old:
+        replan(session, desk, ticket, rule.result.priority, now)
+        record(
+            session, ticket, "priority", SYSTEM, now,
+            f"{old} → {ticket.priority} (category {ticket.category})", old=old,
+            new=ticket.priority, category=ticket.category,
+        )
 
 
 def _pending(session, desk, ticket, sender, cmd, held, now) -> None:
     question = cmd.argument or cmd.text
     record(session, ticket, "pending", sender, now, question)
     notify.queue(
-        session, desk, "question", [ticket.requester], now, ticket=ticket, text=question
+        session, desk, "question", public(session, ticket), now, ticket=ticket, text=question
     )
 
 
@@ -481,7 +519,7 @@ def _confirm(session, desk, ticket, sender, cmd, held, now) -> None:
     ticket.closed_at = now
     record(session, ticket, "confirmed", sender, now, cmd.text)
     notify.queue(
-        session, desk, "closed", [ticket.requester], now, ticket=ticket, reason="confirmed"
+        session, desk, "closed", public(session, ticket), now, ticket=ticket, reason="confirmed"
     )
 
 
@@ -506,6 +544,8 @@ def _reopen(session, desk, ticket, sender, cmd, held, now) -> None:
     notify.queue(
         session, desk, "reopened", team(desk, ticket), now, ticket=ticket, author=sender, text=text
     )
+    told = [p for p in public(session, ticket) if p != sender]  # the public side, not its words
+    notify.queue(session, desk, "reopened_notice", told, now, ticket=ticket)
 
 
 def history(session: Session, ticket: Ticket) -> list[Event]:
@@ -542,4 +582,9 @@ APPLY: dict[str, Apply] = {
     "confirm": _confirm,
     "reopen": _reopen,
     "problem": _problem,
+    "cc": parties.cc,
+    "uncc": parties.uncc,
+    "vendor": parties.vendor,
+    "category": _category,
+    "status": parties.status,
 }

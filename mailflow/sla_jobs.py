@@ -29,7 +29,7 @@ from sqlalchemy.orm import Session
 
 from mailflow import incidents, jobs, notify, sla
 from mailflow.models import Ticket
-from mailflow.tickets import SYSTEM, close_unconfirmed, record
+from mailflow.tickets import SYSTEM, close_unconfirmed, public, record
 
 if TYPE_CHECKING:
     from mailflow.desk import Desk
@@ -224,7 +224,7 @@ def auto_close(desk: Desk, now: datetime) -> ScanResult:
         timeout = desk.settings.incident.confirm_timeout
         record(session, ticket, "auto_closed", SYSTEM, now,
                f"no answer within {timeout} of working time")
-        notify.queue(session, desk, "closed", [ticket.requester], now, ticket=ticket,
+        notify.queue(session, desk, "closed", public(session, ticket), now, ticket=ticket,
                      reason="timeout")
 
     return ScanResult(closed=close_unconfirmed(desk, "incident", "resolved", now, closing))
