@@ -133,9 +133,47 @@ def pauses_of(history: list[tuple[datetime, dict[str, Any] | None]]) -> list[sla
     return found
 
 
+_WAITS = ("vendor", "vendor_replied", "status")
+
+
+def vendor_waits(session: Session, ticket_ids: list[int]) -> dict[int, list[sla.Pause]]:
+    """Time spent waiting on a vendor: from each hand-over (`vendor`) to the vendor's reply
+    or the next status change, whichever comes first; the last one open (end None)."""
+    events: dict[int, list[tuple[datetime, str]]] = {}
+    for i in range(0, len(ticket_ids), 500):
+        rows = session.execute(
+            select(Event.ticket_id, Event.at, Event.action)
+            .where(Event.ticket_id.in_(ticket_ids[i : i + 500]), Event.action.in_(_WAITS))
+            .order_by(Event.id)
+        )
+        for ticket_id, at, action in rows:
+            events.setdefault(ticket_id, []).append((at, action))
+    waits: dict[int, list[sla.Pause]] = {}
+    for ticket_id, history in events.items():
+        start: datetime | None = None
+        for at, action in history:
+            if action == "vendor" and start is None:
+                start = at
+            elif action != "vendor" and start is not None:
+                waits.setdefault(ticket_id, []).append((start, at))
+                start = None
+        if start is not None:
+            waits.setdefault(ticket_id, []).append((start, None))
+    return waits
+
+
+def clock_pauses(session: Session, desk: Desk, ticket: Ticket) -> list[sla.Pause]:
+    """Every pause of the resolution clock: not `open`, and with `[sla] pause_for_vendor`
+    the waits on a vendor too."""
+    found = pauses(session, ticket)
+    if desk.settings.sla.pause_for_vendor:
+        found += vendor_waits(session, [ticket.id]).get(ticket.id, [])
+    return found
+
+
 def refresh_due(session: Session, desk: Desk, ticket: Ticket, now: datetime) -> None:
     """Set `due_at`: the resolution deadline moved by all time paused so far (up to now)."""
-    closed = [(a, b or now) for a, b in pauses(session, ticket)]
+    closed = [(a, b or now) for a, b in clock_pauses(session, desk, ticket)]
     target = desk.target(ticket.priority).resolve
     ticket.due_at = sla.due_at(desk.calendar(ticket.priority), ticket.created_at, target, closed)
 
@@ -207,8 +245,8 @@ def on_reply(
             record(session, ticket, "comment", sender, now, cmd.text)
             tell_team(session, desk, ticket, sender, cmd.text, now)
         return
-    if "vendor" in held:
-        parties.note_vendor_reply(session, ticket, sender, now)
+    if "vendor" in held and parties.note_vendor_reply(session, ticket, sender, now):
+        refresh_due(session, desk, ticket, now)  # a wait on the vendor may have ended
     why = why_not(desk, ticket, cmd, held) or parties.why_not(
         session, desk, ticket, cmd, sender, held
     )
@@ -476,13 +514,19 @@ def replan(session: Session, desk: Desk, ticket: Ticket, priority: str, now: dat
     # reached yet is to come (once), as if the incident had had this priority all along.
     target = desk.target(ticket.priority).resolve
     cal = desk.calendar(ticket.priority)
-    used = sla.fraction_used(cal, ticket.created_at, now, target, pauses(session, ticket))
+    used = sla.fraction_used(cal, ticket.created_at, now, target,
+                             clock_pauses(session, desk, ticket))
     if used < desk.settings.sla.warn_at:
         ticket.sla_warned_at = None
     if used < 1.0:
         ticket.sla_breached_at = None
     if ticket.responded_at is None:
         ticket.response_due_at = desk.due(ticket.priority, ticket.created_at, "response")
+
+
+def _vendor(session, desk, ticket, sender, cmd, held, now) -> None:
+    parties.vendor(session, desk, ticket, sender, cmd, held, now)
+    refresh_due(session, desk, ticket, now)  # a wait on the vendor begins
 
 
 _SET_BY_HAND = select(Event.id).where(  # a `priority` command (the rule's own is SYSTEM's)
@@ -584,7 +628,7 @@ APPLY: dict[str, Apply] = {
     "problem": _problem,
     "cc": parties.cc,
     "uncc": parties.uncc,
-    "vendor": parties.vendor,
+    "vendor": _vendor,
     "category": _category,
     "status": parties.status,
 }

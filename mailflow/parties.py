@@ -279,11 +279,12 @@ _HANDOVERS = (
 )
 
 
-def note_vendor_reply(session: Session, ticket: Ticket, sender: str, now: datetime) -> None:
-    """The vendor's first mail after a hand-over: its response time, against the contract."""
+def note_vendor_reply(session: Session, ticket: Ticket, sender: str, now: datetime) -> bool:
+    """Record the vendor's first mail after a hand-over, with its response time against the
+    contract; whether this was it."""
     last = session.connection().execute(_HANDOVERS, {"ticket_id": ticket.id}).first()
     if last is None or last.action != "vendor" or (last.data or {}).get("address") != sender:
-        return
+        return False
     seconds = (now - last.at).total_seconds()
     contract = (last.data or {}).get("contract")
     tickets.record(
@@ -291,6 +292,7 @@ def note_vendor_reply(session: Session, ticket: Ticket, sender: str, now: dateti
         vendor=(last.data or {}).get("vendor"), seconds=seconds, contract=contract,
         within=None if contract is None else seconds <= contract,
     )
+    return True
 
 
 # -- status by mail ------------------------------------------------------------------------

@@ -203,9 +203,13 @@ def scan(desk: Desk, now: datetime) -> ScanResult:
     while True:
         with desk.db.sessions() as session:
             tickets = _open_incidents(session, after_id)
-            history = incidents.status_history(session, [t.id for t in tickets])
+            ids = [t.id for t in tickets]
+            history = incidents.status_history(session, ids)
+            waits = incidents.vendor_waits(session, ids) if desk.settings.sla.pause_for_vendor \
+                else {}
         for ticket in tickets:
-            item = _assess(desk, ticket, incidents.pauses_of(history.get(ticket.id, [])), now)
+            stopped = incidents.pauses_of(history.get(ticket.id, [])) + waits.get(ticket.id, [])
+            item = _assess(desk, ticket, stopped, now)
             if not (item.warn or item.breach or item.response_breach):
                 continue
             try:

@@ -186,7 +186,7 @@ def remove_party(
     )
     if not gone.rowcount:
         return False
-    action = "watchers" if role == "watcher" else role
+    action = "watchers" if role == "watcher" else f"{role}_removed"
     record(session, ticket, action, actor, now, f"removed {address}", removed=[address])
     return True
 

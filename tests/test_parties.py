@@ -281,6 +281,7 @@ def test_a_vendor_gets_the_ticket_and_its_reply_reaches_the_engineers_only(
     desk, mailbox, smtp, clock, capsys, opened
 ):
     before_user = len(sent_to(smtp, USER))
+    due = show(desk, capsys)["due_at"]
     step(desk, mailbox, clock, reply(opened["l1"], DESK1, "转厂商 hp 请尽快上门\n机器在B座3楼"))
     ticket = show(desk, capsys)
     assert ticket["vendor"] == HP
@@ -303,6 +304,7 @@ def test_a_vendor_gets_the_ticket_and_its_reply_reaches_the_engineers_only(
     [replied] = events(ticket, "vendor_replied")
     assert replied["actor"] == HP
     assert ticket["status"] == "open"
+    assert ticket["due_at"] == due, "by default the bureau's target still counts"
 
 
 def test_an_engineer_forwards_the_vendors_word_by_commenting(
@@ -350,6 +352,36 @@ def test_the_incident_manager_may_bring_in_an_unlisted_vendor(
     assert show(desk, capsys)["vendor"] == "repair@lenovo.test"
     [handoff] = sent_to(smtp, "repair@lenovo.test")
     assert "请检查主板" in body_of(handoff) and "技术支持请求" in str(parsed(handoff)["Subject"])
+
+
+def report(desk, capsys) -> dict:
+    capsys.readouterr()
+    argv = ["--config", str(desk.settings.path), "report", "--since", "2026-11-01",
+            "--until", "2026-11-30", "--format", "json"]
+    assert main(argv) == 0
+    return json.loads(capsys.readouterr().out)
+
+
+def test_the_clock_waits_for_the_vendor_when_configured_and_the_report_measures_it(
+    tmp_path, mailbox, smtp, clock, capsys
+):
+    desk = make_desk(tmp_path, mailbox=mailbox, smtp=smtp, vendors=VENDORS,
+                     sla={"pause_for_vendor": True})
+    mailbox.append(make_mail(USER, SUBJECT, "按电源键没有反应"))
+    run_once(desk, clock)
+    due = show(desk, capsys)["due_at"]
+    step(desk, mailbox, clock, reply(sent_to(smtp, DESK1)[0], DESK1, "转厂商 hp"))
+    clock.advance(hours=1)
+    step(desk, mailbox, clock, reply(sent_to(smtp, HP)[0], HP, "On our way."))
+    later = show(desk, capsys)["due_at"]
+    assert later > due, "the time waiting on the vendor moved the deadline"
+    step(desk, mailbox, clock, reply(sent_to(smtp, HP)[0], HP, "Fixed on site."))
+    assert show(desk, capsys)["due_at"] == later, "only the first reply ends the wait"
+    assert report(desk, capsys)["vendors"] == {"hp": {
+        "handoffs": 1, "replied": 1, "within_contract": 1, "contract_hours": 4.0,
+        "mean_response_hours": 1.17, "max_response_hours": 1.17,
+    }}
+    desk.close()
 
 
 # -- category correction ---------------------------------------------------------------
