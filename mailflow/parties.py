@@ -61,6 +61,8 @@ PUBLIC_EVENTS = {
     "fulfilled": ("已完成", "fulfilled"),
     "comment": ("处理进展", "update"),
 }
+# The events whose words were the requester's to read (the rest show only their name).
+PUBLIC_WORDS = frozenset({"resolved", "pending", "reopened", "fulfilled", "comment"})
 STATUS_NAMES = {
     "open": ("处理中", "open"),
     "pending": ("等待补充信息", "waiting for information"),
@@ -319,11 +321,17 @@ def answer_status(
     """Tell `address` alone how the ticket stands; recorded, no engineer told."""
     tickets.record(session, ticket, "status_asked", address, now, ticket.status)
     update = last_public(session, ticket)
+    words = ""
+    if update is not None and update.action in PUBLIC_WORDS:
+        words = update.detail
+    elif update is not None and update.action == "rejected":
+        words = (update.data or {}).get("reason") or ""
     notify.queue(
         session, desk, "status", [address], now, ticket=ticket, in_reply_to=in_reply_to,
         status_name=STATUS_NAMES.get(ticket.status, (ticket.status, ticket.status)),
         tier_name=TIER_NAMES.get(ticket.tier or ""),
         update=update, update_name=PUBLIC_EVENTS.get(update.action) if update else None,
+        update_text=words,
     )
 
 

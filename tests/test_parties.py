@@ -230,6 +230,7 @@ def test_a_watcher_and_a_forged_status_are_answered_to_the_address(
     step(desk, mailbox, clock, forged(CHIEF, "状态"))  # unproven: answered to CHIEF only
     [answer] = sent_to(smtp, CHIEF)
     assert parsed(answer)["To"] == CHIEF and "处理中" in body_of(answer)
+    assert "已登记" in body_of(answer) and "rule=" not in body_of(answer), "nothing internal"
     assert not events(show(desk, capsys), "unproven")
 
 
