@@ -4,8 +4,11 @@ A new incident is acknowledged and dispatched: to the service desk (L1) with the
 resolved incidents, or — when major — straight to L2 with the service desk, the post lead, the
 service desk lead and the incident manager alerted at once. A reply is read as a command through
 `lifecycle.INCIDENT`; the SLA state lives here too: the resolution clock runs only while the
-incident is `open` (the pauses are derived from the status events), `due_at` moves by the
-paused time whenever the status changes, and the first staff action is the response.
+incident is `open` (the pauses are derived from the status events) and, with `[sla]
+pause_for_vendor`, not waiting on a vendor's first reply; `due_at` moves by the paused time
+whenever the status changes or a wait ends, and the first staff action is the response.
+Watchers get the requester's public updates (`tickets.public`); the commands about the people
+on a ticket, its category and its state are parties.py's.
 """
 
 from __future__ import annotations
