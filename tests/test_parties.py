@@ -453,3 +453,20 @@ def test_a_requests_watcher_hears_of_approval_and_asks_the_state(
     step(desk, mailbox, clock, reply(approved, BOSS, "状态"))
     assert counts(smtp, USER, "exec@example.test", DESK1) == before
     assert "已批准" in body_of(sent_to(smtp, BOSS)[-1])
+
+
+def test_the_desk_corrects_a_requests_category(desk, mailbox, smtp, clock, capsys):
+    mailbox.append(make_mail(USER, "申请一台笔记本电脑", LAPTOP, name="张三"))
+    run_once(desk, clock)
+    category = show(desk, capsys, "REQ-1")["category"]
+    assert category != "software"
+    notice = make_mail(DESK1, "Re: [REQ-1] 申请一台笔记本电脑", "分类 软件")
+    step(desk, mailbox, clock, notice)  # unproven: the desk is told how to act
+    [told] = [m for m in sent_to(smtp, DESK1) if "请回复本邮件" in str(parsed(m)["Subject"])]
+    step(desk, mailbox, clock, reply(told, DESK1, "分类 软件"))
+    ticket = show(desk, capsys, "REQ-1")
+    assert ticket["category"] == "software"
+    assert [e["detail"] for e in events(ticket, "category")] == [f"{category} → software"]
+    step(desk, mailbox, clock, reply(sent_to(smtp, USER)[0], USER, "category hardware"))
+    assert show(desk, capsys, "REQ-1")["category"] == "software", "the requester may not"
+
