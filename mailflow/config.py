@@ -170,6 +170,7 @@ class SlaSettings:
     hours: tuple[str, ...] = ("08:30-12:00", "13:30-17:30")
     holidays: str | None = "CN"
     warn_at: float = 0.75
+    pause_for_vendor: bool = False  # the resolution clock stands still while a vendor is awaited
     targets: dict[str, SlaTarget] = field(
         default_factory=lambda: {
             "P1": SlaTarget(timedelta(minutes=15), timedelta(hours=4), "24x7"),
@@ -178,6 +179,17 @@ class SlaSettings:
             "P4": SlaTarget(timedelta(hours=4), timedelta(hours=40), "business"),
         }
     )
+
+
+@dataclass(frozen=True)
+class Vendor:
+    """One `[vendors.<key>]` entry: a supplier the engineers hand incidents to."""
+
+    key: str
+    name: str
+    addresses: tuple[str, ...]
+    language: str = "zh-CN"
+    response: timedelta | None = None  # the contract's response time; None: none agreed
 
 
 @dataclass(frozen=True)
@@ -289,6 +301,7 @@ class Settings:
     metrics: MetricsSettings = field(default_factory=MetricsSettings)
     log: LogSettings = field(default_factory=LogSettings)
     security: SecuritySettings = field(default_factory=SecuritySettings)
+    vendors: dict[str, Vendor] = field(default_factory=dict)
 
     @property
     def base_dir(self) -> Path:
@@ -642,6 +655,30 @@ def _security_settings(r: _Reader, requests: RequestSettings) -> SecuritySetting
     return settings
 
 
+def _vendors(r: _Reader, language: str) -> dict[str, Vendor]:
+    """[vendors.<key>]: name, addresses, language (default the desk's), response time."""
+    vendors: dict[str, Vendor] = {}
+    for key, table in r.table("vendors").items():
+        section = f"vendors.{key}"
+        if not isinstance(table, dict):
+            r.problem(section, "must be a table ([vendors.<key>] with name and addresses)")
+            continue
+        for unknown in set(table) - {"name", "addresses", "language", "response"}:
+            r.problem(f"{section}.{unknown}", "unknown key; allowed: name, addresses, language, "
+                      "response")
+        addresses = r.emails(f"{section}.addresses", table.get("addresses", []))
+        if not addresses:
+            r.problem(f"{section}.addresses", "at least one address is required")
+        vendors[key] = Vendor(
+            key=key,
+            name=r.get(section, "name", str, key),
+            addresses=addresses,
+            language=_choice(r, section, "language", language, ("zh-CN", "en")),
+            response=r.parsed(section, "response", None, _duration),
+        )
+    return vendors
+
+
 def read_config(path: Path) -> tuple[Settings | None, list[Problem]]:
     """The settings and every problem in the config file. The settings come back despite
     problems whenever the file is TOML (e.g. to find rules/ for `check`); None when not."""
@@ -730,6 +767,7 @@ def read_config(path: Path) -> tuple[Settings | None, list[Problem]]:
         hours=hours,
         holidays=r.get("sla", "holidays", str, "CN") or None,
         warn_at=warn_at,
+        pause_for_vendor=r.get("sla", "pause_for_vendor", bool, False),
         targets=targets,
     )
 
@@ -834,6 +872,7 @@ def read_config(path: Path) -> tuple[Settings | None, list[Problem]]:
         metrics=_metrics_settings(r),
         log=_log_settings(r),
         security=_security_settings(r, requests),
+        vendors=_vendors(r, desk.language),
     )
     return settings, r.problems
 

@@ -35,6 +35,7 @@ from mailflow import (
     governor,
     incidents,
     logs,
+    parties,
     refusals,
     requests,
     senders,
@@ -193,6 +194,11 @@ def _route(
         parent, ticket = ticket, None
     else:
         parent = None
+    query = parties.fresh_query(mail) if ticket is None and parent is None else None
+    if query is not None:  # 查询 INC-12, 我的工单: answered to the sender alone, no ticket opened
+        reason, about = parties.answer_query(session, desk, mail, inbound, query, now)
+        guard.end(session)
+        return Outcome("processed", reason, about)
     if ticket is None:
         found = desk.rules.classify(mail.subject, mail.text, mail.from_addr)
         found = with_mailbox_defaults(desk, inbound.mailbox, found)
