@@ -155,7 +155,10 @@ def _automatic(desk: Desk, mail: ParsedMail) -> str | None:
 def handle(session: Session, desk: Desk, inbound: Inbound, now: datetime) -> Outcome:
     """Process one stored message inside the caller's transaction."""
     mail = size_limits.parse_limited(inbound.raw, desk.settings.limits)
-    outcome = _route(session, desk, inbound, mail, now)
+    try:
+        outcome = _route(session, desk, inbound, mail, now)
+    finally:  # a mail that raised leaves no state behind for the next one
+        governor.end(session)
     # What the mail says goes on its row last. The row holds the raw bytes, which every
     # UPDATE rewrites: set first, it took an UPDATE of its own when a new ticket was
     # flushed for its id, besides the one that records the outcome.
@@ -197,7 +200,6 @@ def _route(
     query = parties.fresh_query(mail) if ticket is None and parent is None else None
     if query is not None:  # 查询 INC-12, 我的工单: answered to the sender alone, no ticket opened
         reason, about = parties.answer_query(session, desk, mail, inbound, query, now)
-        guard.end(session)
         return Outcome("processed", reason, about)
     if ticket is None:
         found = desk.rules.classify(mail.subject, mail.text, mail.from_addr)
@@ -209,7 +211,6 @@ def _route(
         process = incidents if ticket.kind == "incident" else requests
         governor.on_ticket(session, desk, ticket, mail, inbound, now, new=True)
         process.on_new(session, desk, ticket, mail, inbound, now)
-        governor.end(session)
         return Outcome("processed", None, ticket, opened=True)
     inbound.ticket_id = ticket.id
     who = senders.identify(session, desk, ticket, mail)
@@ -218,11 +219,9 @@ def _route(
     # its approver about anyone else who tries it (requests.decide).
     if not who.on_ticket and not approvals.tokens_in(mail, desk.address):
         refusals.stranger(session, desk, ticket, mail, inbound.id, now)
-        governor.end(session)
         return Outcome("processed", f"{who.address} is not on {ticket.ref}", ticket)
     tracking.remember(session, ticket, mail.message_id)
     process.on_reply(session, desk, ticket, mail, inbound, now, who)
-    governor.end(session)
     return Outcome("processed", None, ticket)
 
 
