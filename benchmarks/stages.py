@@ -3,7 +3,7 @@
 Stores N generated desk mails (the same generator as ingest.py) straight into a SQLite
 desk, so IMAP is left out, then runs `process_pending` with a timer around each stage:
 
-  - parse      guard.parse_limited (charsets, HTML to text, quoted history removed)
+  - parse      size_limits.parse_limited (charsets, HTML to text, quoted history removed)
   - classify   RuleSet.classify (rules/)
   - similar    the similar-incident search (tokenising the new incident, its query)
   - render     Renderer.render (jinja2 templates)
@@ -38,7 +38,7 @@ from maildata import generate  # noqa: E402
 from sqlalchemy import event  # noqa: E402
 from support import desk_config  # noqa: E402
 
-from mailflow import guard, incidents, notify, pipeline  # noqa: E402
+from mailflow import incidents, notify, pipeline, size_limits  # noqa: E402
 from mailflow.config import load_config  # noqa: E402
 from mailflow.desk import Desk  # noqa: E402
 from mailflow.models import utcnow  # noqa: E402
@@ -60,7 +60,7 @@ def timed(stage: str, fn: Callable[..., Any]) -> Callable[..., Any]:
 
 
 STAGES: list[tuple[str, object, str]] = [
-    ("parse", guard, "parse_limited"),
+    ("parse", size_limits, "parse_limited"),
     ("classify", RuleSet, "classify"),
     ("similar", incidents, "similar_resolved"),
     ("render", Renderer, "render"),

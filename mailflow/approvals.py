@@ -42,6 +42,7 @@ from mailflow import senders
 from mailflow.models import Approval, Ticket
 from mailflow.senders import b32 as _b32
 from mailflow.senders import secret
+from mailflow.tracking import REFS_KEPT
 
 if TYPE_CHECKING:
     from mailflow.desk import Desk
@@ -102,7 +103,7 @@ def tokens_in(mail: ParsedMail, desk_address: str) -> list[str]:
         match = address.match(candidate.strip().lower())
         if match:
             found.append(match.group(1))
-    for candidate in [*mail.in_reply_to[-10:], *mail.references[-100:]]:
+    for candidate in [*mail.in_reply_to[-REFS_KEPT:], *mail.references[-REFS_KEPT:]]:
         match = thread.match(candidate.strip().lower())
         if match:
             found.append(match.group(1))

@@ -14,14 +14,14 @@ import os
 import re
 import sys
 from collections.abc import Sequence
-from datetime import date
+from datetime import date, datetime
 from pathlib import Path
 from typing import Any
 
 from sqlalchemy import func, select
 from sqlalchemy.exc import DBAPIError, OperationalError
 
-from mailflow import __version__, tracking
+from mailflow import __version__, leases, tracking
 from mailflow.config import load_config, read_config, resolve_config_path
 from mailflow.errors import MailflowError, TemporaryFailure
 from mailflow.models import Inbound, MailboxState, Outbox, Ticket, utcnow
@@ -89,6 +89,8 @@ def cmd_run(args: argparse.Namespace) -> int:
             f"fetched {result.fetched}, processed {result.processed}, "
             f"sent {result.relay.sent}, retrying {result.relay.retried}, dead {result.relay.dead}"
         )
+        for skipped in result.skipped:  # another daemon polls it: not an error
+            print(f"mailflow: {skipped}", file=sys.stderr)
         for error in result.errors:  # a mail source failed: the rest of the pass was done
             print(f"mailflow: {' '.join(str(error).split())}", file=sys.stderr)
         return 1 if result.errors else 0
@@ -205,14 +207,15 @@ def status_json(desk: Any) -> dict[str, Any]:
     return {
         "inbound": {s: inbound.get(s, 0) for s in INBOUND_STATES},
         "outbox": {s: out.get(s, 0) for s in OUTBOX_STATES},
-        "last_poll": last.isoformat().replace("+00:00", "Z") if last else None,
+        "last_poll": _iso(last),
         "errors": errors,
         "mailboxes": mailboxes,
     }
 
 
 def _mailboxes_json(session: Any) -> dict[str, dict[str, Any]]:
-    """Per mailbox: its last successful poll and the daemon holding its poller lease."""
+    """Per mailbox: its last successful poll, the daemon holding its poller lease and until
+    when, and the holder of a lease whose process is gone (it passes at the next poll)."""
     now = utcnow()
     out = {}
     for row in session.execute(
@@ -223,13 +226,20 @@ def _mailboxes_json(session: Any) -> dict[str, dict[str, Any]]:
             MailboxState.lease_until,
         ).order_by(MailboxState.name)
     ):
-        held = row.lease_owner if row.lease_until and row.lease_until >= now else None
-        last = row.last_poll_at
+        lease = leases.current(row.lease_owner, row.lease_until, now)
+        dead = lease is not None and leases.gone(lease.owner)
+        live = lease if lease is not None and not dead else None
         out[row.name] = {
-            "last_poll": last.isoformat().replace("+00:00", "Z") if last else None,
-            "poller": held,
+            "last_poll": _iso(row.last_poll_at),
+            "poller": live.owner if live else None,
+            "lease_until": _iso(live.until) if live else None,
+            "gone_holder": lease.owner if lease is not None and dead else None,
         }
     return out
+
+
+def _iso(at: datetime | None) -> str | None:
+    return at.isoformat().replace("+00:00", "Z") if at else None
 
 
 def cmd_status(args: argparse.Namespace) -> int:
@@ -241,13 +251,19 @@ def cmd_status(args: argparse.Namespace) -> int:
     print("outbox:  " + ", ".join(f"{k} {v}" for k, v in data["outbox"].items()))
     print(f"last poll: {data['last_poll'] or 'never'}")
     for name, box in data["mailboxes"].items():
-        print(
-            f"mailbox {name}: last poll {box['last_poll'] or 'never'}, "
-            f"polled by {box['poller'] or 'no one now'}"
-        )
+        print(f"mailbox {name}: last poll {box['last_poll'] or 'never'}, {_poller_text(box)}")
     for name, error in data["errors"].items():
         print(f"error: {name}: {error}")
     return 0
+
+
+def _poller_text(box: dict[str, Any]) -> str:
+    if box["poller"]:
+        return f"polled by {box['poller']} (lease until {box['lease_until']})"
+    if box["gone_holder"]:
+        return (f"polled by no one now (its holder {box['gone_holder']} is gone; "
+                "the next daemon to poll takes it over)")
+    return "polled by no one now"
 
 
 def cmd_tickets(args: argparse.Namespace) -> int:

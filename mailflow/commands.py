@@ -44,6 +44,17 @@ WORDS: dict[str, str] = {
     "已完成": "done",
     "note": "note",
     "内部": "note",
+    "cc": "cc",
+    "抄送": "cc",
+    "uncc": "uncc",
+    "取消抄送": "uncc",
+    "vendor": "vendor",
+    "转厂商": "vendor",
+    "category": "category",
+    "分类": "category",
+    "status": "status",
+    "状态": "status",
+    "查询": "status",
 }
 _ORDERED = sorted(WORDS, key=len, reverse=True)
 _SEPARATORS = " \t:：,，.。!！;；-—"

@@ -170,6 +170,7 @@ class SlaSettings:
     hours: tuple[str, ...] = ("08:30-12:00", "13:30-17:30")
     holidays: str | None = "CN"
     warn_at: float = 0.75
+    pause_for_vendor: bool = False  # the resolution clock stands still while a vendor is awaited
     targets: dict[str, SlaTarget] = field(
         default_factory=lambda: {
             "P1": SlaTarget(timedelta(minutes=15), timedelta(hours=4), "24x7"),
@@ -178,6 +179,17 @@ class SlaSettings:
             "P4": SlaTarget(timedelta(hours=4), timedelta(hours=40), "business"),
         }
     )
+
+
+@dataclass(frozen=True)
+class Vendor:
+    """One `[vendors.<key>]` entry: a supplier the engineers hand incidents to."""
+
+    key: str
+    name: str
+    addresses: tuple[str, ...]
+    language: str = "zh-CN"
+    response: timedelta | None = None  # the contract's response time; None: none agreed
 
 
 @dataclass(frozen=True)
@@ -221,19 +233,48 @@ class DigestSettings:
     monthly_report: str = "1 09:00"
 
 
+# What marks a mail as a machine's answer to ours, and how much each mark weighs
+# ([limits] machine_signals; loop_detection.py computes them).
+MACHINE_SIGNALS = {"answered_before": 1, "same_text": 2, "counted_subject": 1, "regular_timing": 1}
+
+
 @dataclass(frozen=True)
 class LimitSettings:
     max_message_bytes: int = 25_000_000
     max_attachment_bytes: int = 10_000_000
     max_attachments: int = 20
-    auto_replies_per_sender_per_hour: int = 5
+    # Safety nets, counted by when each mail was written (its Date, clipped to arrival).
+    auto_replies_per_sender_per_hour: int = 20
+    auto_replies_per_sender_per_day: int = 40
     auto_replies_per_ticket_per_hour: int = 10
     mails_per_ticket_per_hour: int = 60  # to anyone, while inbound mail is processed
     bounce_suppress: timedelta = timedelta(days=7)
     allow: tuple[str, ...] = ()
     deny: tuple[str, ...] = ()
     # A sender who writes again this soon after we mailed them gets no automatic reply.
-    loop_window: timedelta = timedelta(minutes=5)
+    loop_window: timedelta = timedelta(minutes=2)
+    # A mail written this soon after our mail to its sender answers it; such a mail whose
+    # machine_signals weigh machine_score or more is a machine's: nothing goes out about it.
+    answer_window: timedelta = timedelta(minutes=30)
+    machine_score: int = 3
+    machine_signals: tuple[tuple[str, int], ...] = tuple(MACHINE_SIGNALS.items())
+    loop_lookback: timedelta = timedelta(hours=24)  # the sender's earlier mails compared
+    same_text: float = 0.9  # similarity of normalised texts that makes them the same
+    same_text_min_chars: int = 10  # shorter texts ("thanks") are never taken for the same
+    regular_spread: float = 0.1  # the last 3 intervals within this share of their mean
+    written_within: timedelta = timedelta(days=7)  # an older Date counts as this old
+
+
+def _machine_signals(value: Any) -> tuple[tuple[str, int], ...]:
+    """[limits] machine_signals: a table of known signal names to whole weights."""
+    if not isinstance(value, dict):
+        raise ValueError(f"must be a table like {MACHINE_SIGNALS}, got {value!r}")
+    unknown = sorted(set(value) - set(MACHINE_SIGNALS))
+    if unknown:
+        raise ValueError(f"unknown signal(s) {unknown}; known: {sorted(MACHINE_SIGNALS)}")
+    if not all(isinstance(w, int) and not isinstance(w, bool) and w >= 0 for w in value.values()):
+        raise ValueError("each weight must be a whole number, 0 or more")
+    return tuple({**MACHINE_SIGNALS, **value}.items())
 
 
 DIRECTORY_ATTRIBUTES = {  # a person's field → the LDAP attribute read (Active Directory's)
@@ -292,6 +333,7 @@ class Settings:
     log: LogSettings = field(default_factory=LogSettings)
     security: SecuritySettings = field(default_factory=SecuritySettings)
     directory: DirectorySettings = field(default_factory=DirectorySettings)
+    vendors: dict[str, Vendor] = field(default_factory=dict)
 
     @property
     def base_dir(self) -> Path:
@@ -682,6 +724,30 @@ def _duration_or_off(value: Any) -> timedelta | None:
     return None if value == "off" else _duration(value)
 
 
+def _vendors(r: _Reader, language: str) -> dict[str, Vendor]:
+    """[vendors.<key>]: name, addresses, language (default the desk's), response time."""
+    vendors: dict[str, Vendor] = {}
+    for key, table in r.table("vendors").items():
+        section = f"vendors.{key}"
+        if not isinstance(table, dict):
+            r.problem(section, "must be a table ([vendors.<key>] with name and addresses)")
+            continue
+        for unknown in set(table) - {"name", "addresses", "language", "response"}:
+            r.problem(f"{section}.{unknown}", "unknown key; allowed: name, addresses, language, "
+                      "response")
+        addresses = r.emails(f"{section}.addresses", table.get("addresses", []))
+        if not addresses:
+            r.problem(f"{section}.addresses", "at least one address is required")
+        vendors[key] = Vendor(
+            key=key,
+            name=r.get(section, "name", str, key),
+            addresses=addresses,
+            language=_choice(r, section, "language", language, ("zh-CN", "en")),
+            response=r.parsed(section, "response", None, _duration),
+        )
+    return vendors
+
+
 def read_config(path: Path) -> tuple[Settings | None, list[Problem]]:
     """The settings and every problem in the config file. The settings come back despite
     problems whenever the file is TOML (e.g. to find rules/ for `check`); None when not."""
@@ -770,6 +836,7 @@ def read_config(path: Path) -> tuple[Settings | None, list[Problem]]:
         hours=hours,
         holidays=r.get("sla", "holidays", str, "CN") or None,
         warn_at=warn_at,
+        pause_for_vendor=r.get("sla", "pause_for_vendor", bool, False),
         targets=targets,
     )
 
@@ -804,8 +871,9 @@ def read_config(path: Path) -> tuple[Settings | None, list[Problem]]:
         max_attachment_bytes=r.get("limits", "max_attachment_bytes", int, 10_000_000),
         max_attachments=r.get("limits", "max_attachments", int, 20),
         auto_replies_per_sender_per_hour=r.get(
-            "limits", "auto_replies_per_sender_per_hour", int, 5
+            "limits", "auto_replies_per_sender_per_hour", int, 20
         ),
+        auto_replies_per_sender_per_day=r.get("limits", "auto_replies_per_sender_per_day", int, 40),
         auto_replies_per_ticket_per_hour=r.get(
             "limits", "auto_replies_per_ticket_per_hour", int, 10
         ),
@@ -813,16 +881,32 @@ def read_config(path: Path) -> tuple[Settings | None, list[Problem]]:
         bounce_suppress=r.parsed("limits", "bounce_suppress", timedelta(days=7), _duration),
         allow=_senders(r, "allow"),
         deny=_senders(r, "deny"),
-        loop_window=r.parsed("limits", "loop_window", timedelta(minutes=5), _duration),
+        loop_window=r.parsed("limits", "loop_window", timedelta(minutes=2), _duration),
+        answer_window=r.parsed("limits", "answer_window", timedelta(minutes=30), _duration),
+        machine_score=r.get("limits", "machine_score", int, 3),
+        machine_signals=r.parsed(
+            "limits", "machine_signals", tuple(MACHINE_SIGNALS.items()), _machine_signals
+        ),
+        loop_lookback=r.parsed("limits", "loop_lookback", timedelta(hours=24), _duration),
+        same_text=r.get("limits", "same_text", float, 0.9),
+        same_text_min_chars=r.get("limits", "same_text_min_chars", int, 10),
+        regular_spread=r.get("limits", "regular_spread", float, 0.1),
+        written_within=r.parsed("limits", "written_within", timedelta(days=7), _duration),
     )
     for key in ("max_message_bytes", "max_attachment_bytes", "max_attachments"):
         if getattr(limits, key) < 1:
             r.problem(f"limits.{key}", f"must be at least 1, got {getattr(limits, key)}")
-    for key in ("auto_replies_per_sender_per_hour", "auto_replies_per_ticket_per_hour"):
+    for key in ("auto_replies_per_sender_per_hour", "auto_replies_per_sender_per_day",
+                "auto_replies_per_ticket_per_hour"):
         if getattr(limits, key) < 0:
             r.problem(f"limits.{key}", "must be 0 (no automatic replies) or more")
     if limits.mails_per_ticket_per_hour < 1:
         r.problem("limits.mails_per_ticket_per_hour", "must be at least 1")
+    if limits.machine_score < 1:
+        r.problem("limits.machine_score", "must be at least 1")
+    for key in ("same_text", "regular_spread"):
+        if not 0 <= getattr(limits, key) <= 1:
+            r.problem(f"limits.{key}", f"must be between 0 and 1, got {getattr(limits, key)}")
 
     rules_dir = base / "rules" if (base / "rules").is_dir() else PACKAGE_DEFAULTS / "rules"
     rules_dir = _path(base, r.get("paths", "rules", str, str(rules_dir)))
@@ -858,6 +942,7 @@ def read_config(path: Path) -> tuple[Settings | None, list[Problem]]:
         log=_log_settings(r),
         security=_security_settings(r, requests),
         directory=_directory_settings(r),
+        vendors=_vendors(r, desk.language),
     )
     return settings, r.problems
 

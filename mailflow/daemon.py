@@ -23,10 +23,11 @@ from datetime import datetime
 
 from apscheduler.schedulers.asyncio import AsyncIOScheduler
 
-from mailflow import exporter, guard, intake, jobs, leases, outbox, pipeline, watcher
+from mailflow import exporter, intake, jobs, leases, outbox, pipeline, watcher
 from mailflow.desk import Desk
 from mailflow.fetch import MaildirSource, SourceError
 from mailflow.models import MailboxState, utcnow
+from mailflow.source_backoff import SourceBackoff
 
 log = logging.getLogger(__name__)
 RELAY_TURN = 10.0  # seconds the processing waits, at most, for its relay turn
@@ -38,6 +39,7 @@ class PassResult:
     processed: int = 0
     relay: outbox.RelayResult = field(default_factory=outbox.RelayResult)
     errors: list[str] = field(default_factory=list)
+    skipped: list[str] = field(default_factory=list)  # mailboxes another daemon polls
 
 
 async def _wait(event: asyncio.Event, seconds: float) -> None:
@@ -57,7 +59,7 @@ class Daemon:
         self.imap = self.sources[0] if self.sources else None  # the [imap] mailbox
         maildir = desk.settings.maildir
         self.maildir = MaildirSource(maildir) if maildir else None
-        self.backoffs: dict[str, guard.SourceBackoff] = {}  # per failing mail source
+        self.backoffs: dict[str, SourceBackoff] = {}  # per failing mail source
         self.owner = leases.process_owner()
         self._stop = asyncio.Event()
         self._relay_now = asyncio.Event()
@@ -67,17 +69,22 @@ class Daemon:
         self._relay_poked = 0.0
         self._relay_passed = threading.Event()  # set after each relay pass (see _relay_turn)
         self.watchers: list[watcher.MailboxWatcher] = []
+        self.skipped: list[str] = []  # the last poll's mailboxes leased to another daemon
 
     # one pass --------------------------------------------------------------------------
     def poll(self) -> tuple[int, list[str]]:
         """Fetch from every source; a failing source is logged and recorded, not fatal."""
         fetched, errors = 0, []
+        self.skipped = []
         for source in self.sources:
-            backoff = self.backoffs.setdefault(source.name, guard.SourceBackoff(source.name))
+            backoff = self.backoffs.setdefault(source.name, SourceBackoff(source.name))
             if not backoff.due(self.clock()):
                 continue  # failed lately: waiting 1, 2, 4 … 30 min before the next login
             try:
-                fetched += intake.poll_imap(self.desk, source, self.clock, self.owner)
+                taken = intake.poll_imap(self.desk, source, self.clock, self.owner)
+                fetched += taken
+                if not taken:
+                    self._note_skip(source.name)
                 backoff.succeeded(self.desk)
             except SourceError as exc:
                 errors.append(str(exc))
@@ -92,6 +99,16 @@ class Daemon:
                 errors.append(str(exc))
                 log.error("maildir %s: %s", self.maildir.path, exc)
         return fetched, errors
+
+    def _note_skip(self, mailbox: str) -> None:
+        """Record the mailbox as skipped when a live lease of another daemon kept us out."""
+        held = leases.lease(self.desk.db, mailbox, self.clock())
+        if held is not None and held.owner != self.owner:
+            until = held.until.strftime("%Y-%m-%dT%H:%M:%SZ")
+            self.skipped.append(
+                f"mailbox {mailbox} not polled: the daemon {held.owner} holds its lease "
+                f"until {until}"
+            )
 
     def _record_error(self, mailbox: str, error: str) -> None:
         with self.desk.db.transaction() as session:
@@ -112,7 +129,7 @@ class Daemon:
             for source in self.sources:  # the next `run --once` may run on another host
                 leases.release(self.desk.db, source.name, self.owner)
         relayed = asyncio.run(outbox.relay(self.desk.db, self.desk.settings.smtp, self.clock))
-        return PassResult(fetched, processed, relayed, errors)
+        return PassResult(fetched, processed, relayed, errors, list(self.skipped))
 
     # the daemon ------------------------------------------------------------------------
     def stop(self) -> None:
@@ -216,7 +233,7 @@ class Daemon:
                 wake,
                 self.owner,
                 login_backoff=self.backoffs.setdefault(
-                    source.name, guard.SourceBackoff(source.name)
+                    source.name, SourceBackoff(source.name)
                 ),
             )
             for source, cfg in zip(self.sources, self.mailboxes, strict=True)

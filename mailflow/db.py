@@ -13,7 +13,9 @@ from typing import Any
 
 from alembic import command
 from alembic.config import Config as AlembicConfig
-from sqlalchemy import Engine, create_engine, event, make_url
+from alembic.migration import MigrationContext
+from alembic.script import ScriptDirectory
+from sqlalchemy import Connection, Engine, create_engine, event, make_url
 from sqlalchemy.exc import OperationalError
 from sqlalchemy.orm import Session, sessionmaker
 
@@ -48,16 +50,64 @@ def make_engine(url: str) -> Engine:
     return engine
 
 
-def migrate(engine: Engine) -> None:
-    """Bring the schema to the newest revision (idempotent, safe on every start)."""
+def migrate(engine: Engine, revision: str = "head") -> None:
+    """Bring the schema to `revision` (the newest by default): idempotent, safe on every
+    start, and all or nothing — one transaction for every migration it applies, so a
+    process killed at any moment leaves the schema as it found it, and the next start
+    does the whole upgrade again."""
     cfg = AlembicConfig()
     cfg.set_main_option("script_location", str(MIGRATIONS))
+    if _is_at(engine, cfg, revision):
+        return  # the usual start: no write lock taken, no waiting for a busy database
+    with _migration_transaction(engine) as connection:
+        cfg.attributes["connection"] = connection
+        command.upgrade(cfg, revision)  # checks again, now under the lock
+
+
+def _is_at(engine: Engine, cfg: AlembicConfig, revision: str) -> bool:
+    """Whether the database's recorded revision is already `revision`."""
+    scripts = ScriptDirectory.from_config(cfg).get_revisions(revision)
+    wanted = {script.revision for script in scripts if script is not None}
+    with engine.connect() as connection:
+        return set(MigrationContext.configure(connection).get_current_heads()) == wanted
+
+
+@contextmanager
+def _migration_transaction(engine: Engine) -> Iterator[Connection]:
+    """A connection inside one real transaction that DDL cannot escape."""
+    if engine.dialect.name == "sqlite":
+        with _sqlite_transaction(engine) as connection:
+            yield connection
+        return
     with engine.begin() as connection:
-        if engine.dialect.name == "postgresql":
+        if engine.dialect.name == "postgresql":  # DDL is transactional there
             # Several daemons may start at once: one migrates, the others wait.
             connection.exec_driver_sql("SELECT pg_advisory_xact_lock(727001)")
-        cfg.attributes["connection"] = connection
-        command.upgrade(cfg, "head")
+        yield connection
+
+
+@contextmanager
+def _sqlite_transaction(engine: Engine) -> Iterator[Connection]:
+    """pysqlite opens a transaction only before INSERT/UPDATE/DELETE: each CREATE TABLE of a
+    new database committed on its own, and a start killed half-way left tables with no
+    recorded revision, which no later start got past. With its implicit handling off the
+    driver leaves BEGIN to us; IMMEDIATE also takes the write lock at once, so of several
+    daemons starting together one migrates while the others wait."""
+    with engine.connect() as connection:
+        raw = connection.connection.dbapi_connection
+        assert raw is not None
+        implicit = raw.isolation_level
+        raw.isolation_level = None
+        try:
+            connection.exec_driver_sql("BEGIN IMMEDIATE")
+            try:
+                yield connection
+            except BaseException:
+                connection.rollback()
+                raise
+            connection.commit()
+        finally:
+            raw.isolation_level = implicit
 
 
 def _no_nul(value: Any) -> Any:

@@ -12,7 +12,7 @@ from datetime import datetime, timedelta
 import jinja2
 from sqlalchemy.orm import Session
 
-from mailflow import guard, sla
+from mailflow import governor, sla
 from mailflow.config import Settings, SlaTarget, load_config
 from mailflow.db import Database
 from mailflow.errors import ConfigError, RuleError
@@ -85,7 +85,7 @@ class Desk:
 
     def may_mail(self, session: Session, address: str, now: datetime) -> bool:
         """Whether mail to this address may be queued: not suppressed, no loop, within caps."""
-        return guard.may_mail(session, self, address, now)
+        return governor.may_mail(session, self, address, now)
 
     def close(self) -> None:
         self.db.close()

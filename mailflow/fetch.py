@@ -35,6 +35,10 @@ IDLE_SLICE = 1.0  # seconds between checks of the stop flag while in IDLE
 # its 30 s check interval); it does report it with the answer to DONE.
 IDLE_SETTLE = 1.0
 NEWS = frozenset({b"EXISTS", b"RECENT"})  # untagged responses that announce new mail
+# Mail fetched per round trip, whatever [imap] batch_size says: memory follows the bytes
+# held, and eight 24 MB mails in one batch took 600 MB. A bigger message comes alone.
+FETCH_BYTES = 32 * 2**20
+IMAPLIB_DEBUG = 4  # imaplib's debug level: 5 formats whole responses (see _connect)
 
 log = logging.getLogger(__name__)
 
@@ -262,6 +266,10 @@ class ImapSource:
             self._client = client = imapclient.IMAPClient(
                 s.host, s.port, ssl=s.security == "tls", ssl_context=context, timeout=s.timeout
             )
+            # imapclient sets imaplib's debug level 5, at which every response is formatted
+            # with %r for a debug line, logged or not: two more copies of each fetched mail
+            # (a 23 MB mail took 77 MB). Level 4 still traces the protocol lines.
+            client._imap.debug = min(client._imap.debug, IMAPLIB_DEBUG)
             if s.security == "starttls":
                 client.starttls(context)
         with self._errors("LOGIN"):
@@ -420,7 +428,13 @@ class ImapSource:
         return sorted(u for u in found if u <= uid)
 
     def fetch(self, uids: Sequence[int]) -> Iterator[Fetched]:
-        """Yield the messages in UID order, batch_size per round trip, leaving \\Seen alone.
+        """Yield the messages in UID order, leaving \\Seen alone (see fetch_batches)."""
+        for batch in self.fetch_batches(uids):
+            yield from batch
+
+    def fetch_batches(self, uids: Sequence[int]) -> Iterator[list[Fetched]]:
+        """The messages in UID order, one list per round trip: at most batch_size of them
+        and FETCH_BYTES of mail (a bigger message alone), leaving \\Seen alone.
 
         The key is ``imap:user@host:port/folder;UIDVALIDITY;UID``. Messages expunged
         meanwhile are skipped. When the server refuses a batch (NO, or BYE because it cannot
@@ -431,29 +445,56 @@ class ImapSource:
         size = self.settings.batch_size
         self.unreadable = {}
         for start in range(0, len(ordered), size):
-            batch = ordered[start : start + size]
+            for batch in self._by_bytes(ordered[start : start + size]):
+                response = self._bodies(batch)
+                yield [
+                    Fetched(f"{self.name};{self.uidvalidity};{uid}", uid, bytes(raw))
+                    for uid in batch
+                    if (raw := response.pop(uid, {}).get(b"BODY[]")) is not None
+                ]
+
+    def _by_bytes(self, uids: list[int]) -> list[list[int]]:
+        """The UIDs cut into runs of at most FETCH_BYTES of mail, by RFC822.SIZE (one
+        UID a run when the server will not say)."""
+        try:
+            with self._errors("UID FETCH"):
+                sizes = self._connected().fetch(uids, [b"RFC822.SIZE"])
+        except SourceError as failed:
+            if not _refused(failed):
+                raise
+            return [[uid] for uid in uids]
+        runs: list[list[int]] = []
+        held = 0
+        for uid in uids:
+            grows = int(sizes.get(uid, {}).get(b"RFC822.SIZE") or 0)
+            if not runs or held + grows > FETCH_BYTES:
+                runs.append([])
+                held = 0
+            runs[-1].append(uid)
+            held += grows
+        return runs
+
+    def _bodies(self, batch: list[int]) -> dict[int, dict[bytes, object]]:
+        """UID FETCH BODY.PEEK[] of the batch; one UID at a time when the server refuses."""
+        try:
+            with self._errors("UID FETCH"):
+                return self._reopened().fetch(batch, [b"BODY.PEEK[]"])
+        except SourceError as failed:
+            if not _refused(failed):
+                raise  # the connection broke or timed out: the whole pass is retried
+        # The server refused, e.g. a message it cannot read fails the batch (Dovecot
+        # answers BYE): each UID alone, logging in again when it hung up.
+        response: dict[int, dict[bytes, object]] = {}
+        for uid in batch:
+            client = self._reopened()
             try:
                 with self._errors("UID FETCH"):
-                    response = self._connected().fetch(batch, [b"BODY.PEEK[]"])
-            except SourceError as failed:
-                if not _refused(failed):
-                    raise  # the connection broke or timed out: the whole pass is retried
-                # The server refused, e.g. a message it cannot read fails the batch (Dovecot
-                # answers BYE): each UID alone, logging in again when it hung up.
-                response = {}
-                for uid in batch:
-                    client = self._reopened()
-                    try:
-                        with self._errors("UID FETCH"):
-                            response |= client.fetch([uid], [b"BODY.PEEK[]"])
-                    except SourceError as refused:
-                        if not _refused(refused):
-                            raise
-                        self.unreadable[uid] = str(refused.__cause__)[:300]
-            for uid in batch:
-                raw = response.get(uid, {}).get(b"BODY[]")
-                if raw is not None:
-                    yield Fetched(f"{self.name};{self.uidvalidity};{uid}", uid, bytes(raw))
+                    response |= client.fetch([uid], [b"BODY.PEEK[]"])
+            except SourceError as refused:
+                if not _refused(refused):
+                    raise
+                self.unreadable[uid] = str(refused.__cause__)[:300]
+        return response
 
     def mark_done(self, uids: Sequence[int]) -> None:
         """Set the done keyword (and move when configured); call after the DB commit."""

@@ -4,8 +4,11 @@ A new incident is acknowledged and dispatched: to the service desk (L1) with the
 resolved incidents, or — when major — straight to L2 with the service desk, the post lead, the
 service desk lead and the incident manager alerted at once. A reply is read as a command through
 `lifecycle.INCIDENT`; the SLA state lives here too: the resolution clock runs only while the
-incident is `open` (the pauses are derived from the status events), `due_at` moves by the
-paused time whenever the status changes, and the first staff action is the response.
+incident is `open` (the pauses are derived from the status events) and, with `[sla]
+pause_for_vendor`, not waiting on a vendor's first reply; `due_at` moves by the paused time
+whenever the status changes or a wait ends, and the first staff action is the response.
+Watchers get the requester's public updates (`tickets.public`); the commands about the people
+on a ticket, its category and its state are parties.py's.
 """
 
 from __future__ import annotations
@@ -17,14 +20,14 @@ from dataclasses import replace
 from datetime import datetime
 from typing import TYPE_CHECKING, Any
 
-from sqlalchemy import select, update
+from sqlalchemy import bindparam, select, update
 from sqlalchemy.orm import Session
 
-from mailflow import commands, lifecycle, notify, refusals, sla
+from mailflow import commands, lifecycle, notify, parties, refusals, sla
 from mailflow.commands import Command
 from mailflow.models import Event, Inbound, Ticket
 from mailflow.similar import similar_resolved
-from mailflow.tickets import SYSTEM, confirm_deadline, record
+from mailflow.tickets import SYSTEM, confirm_deadline, public, record
 
 if TYPE_CHECKING:
     from mailflow.desk import Desk
@@ -46,6 +49,8 @@ _COURTESY = sorted(
 )
 _NOT_WORDS = re.compile(r"[\W_]+", re.UNICODE)
 USAGE = {"assign": "指派 <邮箱> / assign <email>", "priority": "优先级 P1 / priority P1..P4"}
+# Actions that are no response to the incident (the first staff action is): asking its state.
+NOT_A_RESPONSE = frozenset({"status"})
 
 
 # -- new incidents -----------------------------------------------------------------------
@@ -131,9 +136,47 @@ def pauses_of(history: list[tuple[datetime, dict[str, Any] | None]]) -> list[sla
     return found
 
 
+_WAITS = ("vendor", "vendor_replied", "status")
+
+
+def vendor_waits(session: Session, ticket_ids: list[int]) -> dict[int, list[sla.Pause]]:
+    """Time spent waiting on a vendor: from each hand-over (`vendor`) to the vendor's reply
+    or the next status change, whichever comes first; the last one open (end None)."""
+    events: dict[int, list[tuple[datetime, str]]] = {}
+    for i in range(0, len(ticket_ids), 500):
+        rows = session.execute(
+            select(Event.ticket_id, Event.at, Event.action)
+            .where(Event.ticket_id.in_(ticket_ids[i : i + 500]), Event.action.in_(_WAITS))
+            .order_by(Event.id)
+        )
+        for ticket_id, at, action in rows:
+            events.setdefault(ticket_id, []).append((at, action))
+    waits: dict[int, list[sla.Pause]] = {}
+    for ticket_id, history in events.items():
+        start: datetime | None = None
+        for at, action in history:
+            if action == "vendor" and start is None:
+                start = at
+            elif action != "vendor" and start is not None:
+                waits.setdefault(ticket_id, []).append((start, at))
+                start = None
+        if start is not None:
+            waits.setdefault(ticket_id, []).append((start, None))
+    return waits
+
+
+def clock_pauses(session: Session, desk: Desk, ticket: Ticket) -> list[sla.Pause]:
+    """Every pause of the resolution clock: not `open`, and with `[sla] pause_for_vendor`
+    the waits on a vendor too."""
+    found = pauses(session, ticket)
+    if desk.settings.sla.pause_for_vendor:
+        found += vendor_waits(session, [ticket.id]).get(ticket.id, [])
+    return found
+
+
 def refresh_due(session: Session, desk: Desk, ticket: Ticket, now: datetime) -> None:
     """Set `due_at`: the resolution deadline moved by all time paused so far (up to now)."""
-    closed = [(a, b or now) for a, b in pauses(session, ticket)]
+    closed = [(a, b or now) for a, b in clock_pauses(session, desk, ticket)]
     target = desk.target(ticket.priority).resolve
     ticket.due_at = sla.due_at(desk.calendar(ticket.priority), ticket.created_at, target, closed)
 
@@ -205,12 +248,17 @@ def on_reply(
             record(session, ticket, "comment", sender, now, cmd.text)
             tell_team(session, desk, ticket, sender, cmd.text, now)
         return
-    why = why_not(desk, ticket, cmd, held)
+    if "vendor" in held and parties.note_vendor_reply(session, ticket, sender, now):
+        refresh_due(session, desk, ticket, now)  # a wait on the vendor may have ended
+    why = why_not(desk, ticket, cmd, held) or parties.why_not(
+        session, desk, ticket, cmd, sender, held
+    )
     if why is not None:
         refuse(session, desk, ticket, sender, cmd, why, held, now, mail.message_id)
         return
     APPLY[cmd.action](session, desk, ticket, sender, cmd, held, now)
-    if lifecycle.is_staff(held) and sender != ticket.requester:
+    responds = cmd.action not in NOT_A_RESPONSE
+    if responds and lifecycle.is_staff(held) and sender != ticket.requester:
         mark_responded(session, ticket, sender, now)
     target = lifecycle.INCIDENT[cmd.action].to
     if target:
@@ -226,8 +274,11 @@ def courtesy(text: str) -> bool:
 
 
 def acknowledges(cmd: Command) -> bool:
-    """Whether a user's reply only confirms or says thanks: nothing to act on."""
-    return cmd.action in ("confirm", "resolve") or (cmd.action == "comment" and courtesy(cmd.said))
+    """Whether a user's reply only confirms, says thanks or asks the state: nothing to act on
+    (and no new incident when it answers one closed long ago)."""
+    return cmd.action in ("confirm", "resolve", "status") or (
+        cmd.action == "comment" and courtesy(cmd.said)
+    )
 
 
 def interpret(ticket: Ticket, cmd: Command, held: frozenset[str]) -> Command | None:
@@ -357,13 +408,14 @@ Apply = Callable[..., None]  # (session, desk, ticket, sender, cmd, held, now)
 
 def _comment(session, desk, ticket, sender, cmd, held, now) -> None:
     text = cmd.text.strip()
-    record(session, ticket, "comment", sender, now, text)
     if lifecycle.is_staff(held) and sender != ticket.requester:
+        record(session, ticket, "comment", sender, now, text, public=bool(text))
         if text:  # forwarded from the desk address: the desk stays the single contact
             notify.queue(
-                session, desk, "comment", [ticket.requester], now, ticket=ticket, text=text
+                session, desk, "comment", public(session, ticket), now, ticket=ticket, text=text
             )
         return
+    record(session, ticket, "comment", sender, now, text)
     if "requester" in held and ticket.status == "pending":
         set_status(session, desk, ticket, "open", sender, now, "requester answered")
     if text:
@@ -393,7 +445,7 @@ def _resolve(session, desk, ticket, sender, cmd, held, now) -> None:
         session,
         desk,
         "resolved",
-        [ticket.requester],
+        public(session, ticket),
         now,
         ticket=ticket,
         confirm_by=confirm_deadline(desk, now),
@@ -450,30 +502,63 @@ def _assign(session, desk, ticket, sender, cmd, held, now) -> None:
 
 def _priority(session, desk, ticket, sender, cmd, held, now) -> None:
     old = ticket.priority
-    ticket.priority = cmd.argument
-    refresh_due(session, desk, ticket, now)
-    # The new target re-plans the incident: a warning or breach the new target has not
-    # reached yet is to come (once), as if the incident had had this priority all along.
-    target = desk.target(ticket.priority).resolve
-    cal = desk.calendar(ticket.priority)
-    used = sla.fraction_used(cal, ticket.created_at, now, target, pauses(session, ticket))
-    if used < desk.settings.sla.warn_at:
-        ticket.sla_warned_at = None
-    if used < 1.0:
-        ticket.sla_breached_at = None
-    if ticket.responded_at is None:
-        ticket.response_due_at = desk.due(ticket.priority, ticket.created_at, "response")
+    replan(session, desk, ticket, cmd.argument, now)
     record(
         session, ticket, "priority", sender, now, f"{old} → {cmd.argument}", old=old,
         new=cmd.argument,
     )
 
 
+def replan(session: Session, desk: Desk, ticket: Ticket, priority: str, now: datetime) -> None:
+    """Give the incident a priority and re-plan its SLA from the new target."""
+    ticket.priority = priority
+    refresh_due(session, desk, ticket, now)
+    # The new target re-plans the incident: a warning or breach the new target has not
+    # reached yet is to come (once), as if the incident had had this priority all along.
+    target = desk.target(ticket.priority).resolve
+    cal = desk.calendar(ticket.priority)
+    used = sla.fraction_used(cal, ticket.created_at, now, target,
+                             clock_pauses(session, desk, ticket))
+    if used < desk.settings.sla.warn_at:
+        ticket.sla_warned_at = None
+    if used < 1.0:
+        ticket.sla_breached_at = None
+    if ticket.responded_at is None:
+        ticket.response_due_at = desk.due(ticket.priority, ticket.created_at, "response")
+
+
+def _vendor(session, desk, ticket, sender, cmd, held, now) -> None:
+    parties.vendor(session, desk, ticket, sender, cmd, held, now)
+    refresh_due(session, desk, ticket, now)  # a wait on the vendor begins
+
+
+_SET_BY_HAND = select(Event.id).where(  # a `priority` command (the rule's own is SYSTEM's)
+    Event.ticket_id == bindparam("ticket_id"), Event.action == "priority", Event.actor != SYSTEM
+).limit(1)
+
+
+def _category(session, desk, ticket, sender, cmd, held, now) -> None:
+    """Correct the category; the priority follows the new category's rule unless someone set
+    it by hand (`priority`), and the SLA is re-planned from it."""
+    rule = parties.category_rule(desk, ticket, cmd.argument)
+    assert rule is not None  # why_not checked it
+    parties.set_category(session, desk, ticket, rule, sender, now)
+    by_hand = session.connection().scalar(_SET_BY_HAND, {"ticket_id": ticket.id}) is not None
+    old = ticket.priority
+    if not by_hand and rule.result.priority != old:
+        replan(session, desk, ticket, rule.result.priority, now)
+        record(
+            session, ticket, "priority", SYSTEM, now,
+            f"{old} → {ticket.priority} (category {ticket.category})", old=old,
+            new=ticket.priority, category=ticket.category,
+        )
+
+
 def _pending(session, desk, ticket, sender, cmd, held, now) -> None:
     question = cmd.argument or cmd.text
     record(session, ticket, "pending", sender, now, question)
     notify.queue(
-        session, desk, "question", [ticket.requester], now, ticket=ticket, text=question
+        session, desk, "question", public(session, ticket), now, ticket=ticket, text=question
     )
 
 
@@ -481,7 +566,7 @@ def _confirm(session, desk, ticket, sender, cmd, held, now) -> None:
     ticket.closed_at = now
     record(session, ticket, "confirmed", sender, now, cmd.text)
     notify.queue(
-        session, desk, "closed", [ticket.requester], now, ticket=ticket, reason="confirmed"
+        session, desk, "closed", public(session, ticket), now, ticket=ticket, reason="confirmed"
     )
 
 
@@ -506,6 +591,8 @@ def _reopen(session, desk, ticket, sender, cmd, held, now) -> None:
     notify.queue(
         session, desk, "reopened", team(desk, ticket), now, ticket=ticket, author=sender, text=text
     )
+    told = [p for p in public(session, ticket) if p != sender]  # the public side, not its words
+    notify.queue(session, desk, "reopened_notice", told, now, ticket=ticket)
 
 
 def history(session: Session, ticket: Ticket) -> list[Event]:
@@ -542,4 +629,9 @@ APPLY: dict[str, Apply] = {
     "confirm": _confirm,
     "reopen": _reopen,
     "problem": _problem,
+    "cc": parties.cc,
+    "uncc": parties.uncc,
+    "vendor": _vendor,
+    "category": _category,
+    "status": parties.status,
 }

@@ -9,20 +9,28 @@ from __future__ import annotations
 
 import hashlib
 import logging
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from datetime import datetime, timedelta
-from itertools import islice
 from pathlib import Path
 
 from mailflow import leases, logs
 from mailflow.config import ImapConfig
 from mailflow.desk import Desk
-from mailflow.fetch import Fetched, ImapSettings, ImapSource, MaildirSource, TokenSource
+from mailflow.fetch import (
+    FETCH_BYTES,
+    Fetched,
+    ImapSettings,
+    ImapSource,
+    MaildirSource,
+    TokenSource,
+)
 from mailflow.mailboxes import mailbox_config
 from mailflow.models import MailboxState
 from mailflow.pipeline import message_id_of, store
 
 log = logging.getLogger(__name__)
+
+MAILDIR_BATCH = 200  # messages per transaction from a Maildir (and FETCH_BYTES at most)
 
 
 def imap_source(desk: Desk) -> ImapSource | None:
@@ -91,6 +99,20 @@ def _store_batch(
             state.last_poll_at = now
 
 
+def _batches(items: Iterator[Fetched], count: int, size: int) -> Iterator[list[Fetched]]:
+    """Lists of at most `count` messages and `size` bytes (a bigger message alone)."""
+    batch: list[Fetched] = []
+    held = 0
+    for item in items:
+        if batch and (len(batch) >= count or held + len(item.raw) > size):
+            yield batch
+            batch, held = [], 0
+        batch.append(item)
+        held += len(item.raw)
+    if batch:
+        yield batch
+
+
 def lease_ttl(desk: Desk, source: ImapSource) -> timedelta:
     cfg = mailbox_config(desk, source.name)
     return timedelta(seconds=cfg.lease_ttl if cfg else 60.0)
@@ -127,9 +149,8 @@ def poll_imap(
     # Stored by a run that died before flagging them: flag (or move) them now.
     source.mark_done(source.unmarked_upto(last_uid))
     uids = source.uids_after(last_uid)
-    fetched = source.fetch(uids)
     count = 0
-    while batch := list(islice(fetched, source.settings.batch_size)):
+    for batch in source.fetch_batches(uids):  # bounded by count and bytes
         below = min(source.unreadable, default=None)
         _store_batch(desk, mailbox, batch, clock(), below)
         source.mark_done([f.uid for f in batch if f.uid is not None])
@@ -151,8 +172,7 @@ def poll_imap(
 def poll_maildir(desk: Desk, source: MaildirSource, clock: Callable[[], datetime]) -> int:
     """Store every message in new/, then move it to cur/."""
     count = 0
-    pending = source.pending()
-    while batch := list(islice(pending, 200)):
+    for batch in _batches(source.pending(), MAILDIR_BATCH, FETCH_BYTES):
         now = clock()
         _store_batch(desk, source.name, batch, now)
         for fetched in batch:

@@ -17,7 +17,7 @@ from typing import TYPE_CHECKING, Any
 
 from sqlalchemy.exc import IntegrityError
 
-from mailflow import guard
+from mailflow import alerts
 from mailflow.models import Alert, JobRun
 
 if TYPE_CHECKING:
@@ -82,10 +82,10 @@ def run(job: Job, desk: Desk, now: datetime) -> Any:
 
 
 def _alert(desk: Desk, key: str, detail: str, now: datetime) -> None:
-    """Tell the service desk lead, once per episode (guard's alert mechanism)."""
+    """Tell the service desk lead, once per episode (alerts.py)."""
     try:
         with desk.db.transaction() as session:
-            guard.alert(session, desk, key, detail, now)
+            alerts.alert(session, desk, key, detail, now)
     except Exception:  # noqa: BLE001 — e.g. the database is down: the log still has it
         log.exception("could not alert the lead: %s", detail)
 
@@ -96,7 +96,7 @@ def _ended(desk: Desk, key: str) -> None:
         if session.get(Alert, key) is None:
             return  # the usual case: one read, no write
     with desk.db.transaction() as session:
-        guard.clear(session, key)
+        alerts.clear(session, key)
 
 
 def load_all() -> list[Job]:

@@ -16,6 +16,9 @@ from mailflow.config import ROLE_KEYS, Settings
 from mailflow.models import Ticket
 
 OPEN = ("open", "pending")
+EVERY_INCIDENT = ("open", "pending", "resolved", "closed", "problem")
+LIVE_REQUEST = ("pending", "pending_approval", "approved", "fulfilled")
+EVERY_REQUEST = (*LIVE_REQUEST, "rejected", "closed")
 
 
 @dataclass(frozen=True)
@@ -42,6 +45,12 @@ INCIDENT: dict[str, Transition] = {
     "confirm": _t(("resolved",), "requester", "closed"),
     "reopen": _t(("resolved", "closed"), "requester desk", "open"),
     "problem": _t(("open", "pending", "resolved"), "im", "problem"),
+    # The people kept informed, the vendor, the category and the state (parties.py).
+    "cc": _t(("open", "pending", "resolved", "problem"), "requester staff", None),
+    "uncc": _t(EVERY_INCIDENT, "requester staff watcher", None),
+    "vendor": _t(OPEN, "tier im", None),
+    "category": _t(("open", "pending", "resolved"), "desk tier im", None),
+    "status": _t(EVERY_INCIDENT, "anyone", None),
 }
 
 # Requests. `approve`/`reject` are listed for `allowed()`; they are decided by the approval
@@ -55,6 +64,10 @@ REQUEST: dict[str, Transition] = {
     "done": _t(("approved",), "executor", "fulfilled"),
     "confirm": _t(("fulfilled",), "requester", "closed"),
     "reopen": _t(("fulfilled",), "requester desk", "approved"),
+    "cc": _t(LIVE_REQUEST, "requester staff", None),
+    "uncc": _t(EVERY_REQUEST, "requester staff watcher", None),
+    "category": _t(LIVE_REQUEST, "desk", None),
+    "status": _t(EVERY_REQUEST, "anyone", None),
 }
 
 # Escalation paths: desktop incidents go L1 → L2 → L3 → IM, the others L1 → L3 → IM.

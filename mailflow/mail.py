@@ -11,6 +11,7 @@ import binascii
 import codecs
 import email
 import email.errors
+import email.feedparser
 import email.message
 import email.policy
 import email.utils
@@ -744,7 +745,7 @@ def _fill(mail: ParsedMail, data: bytes, max_bytes: int, max_count: int, max_cha
     if not data.strip():
         mail.defects.append("empty message")
         return
-    msg = email.message_from_bytes(data, policy=email.policy.compat32)
+    msg = _message_from_bytes(data)
     headers = [(str(k), v if isinstance(v, str) else str(v)) for k, v in msg.raw_items()]
     mail.raw_headers = headers
     first: dict[str, str] = {}
@@ -790,3 +791,15 @@ def _fill(mail: ParsedMail, data: bytes, max_bytes: int, max_count: int, max_cha
         mail.auto = automatic_reason(msg, mail.subject, desk_marker)
     except Exception:
         mail.defects.append("automatic-mail check failed")
+
+
+def _message_from_bytes(data: bytes) -> email.message.Message:
+    """email.message_from_bytes, fed in pieces: that one reads the whole mail through a
+    StringIO of four bytes a character (a 23 MB mail peaked at 182 MB, this at 43 MB)."""
+    parser = email.feedparser.BytesFeedParser(policy=email.policy.compat32)
+    for start in range(0, len(data), _FEED_PIECE):
+        parser.feed(data[start : start + _FEED_PIECE])
+    return parser.close()
+
+
+_FEED_PIECE = 1 << 16

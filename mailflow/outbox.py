@@ -17,7 +17,7 @@ from datetime import datetime, timedelta
 import aiosmtplib
 from sqlalchemy import select, update
 
-from mailflow import exporter, logs
+from mailflow import exporter, leases, logs
 from mailflow.config import SmtpConfig
 from mailflow.db import Database
 from mailflow.models import Outbox
@@ -86,7 +86,7 @@ def _finish(
             )
         ).one()
         attempts = row.attempts + 1
-        values: dict[str, object] = {"attempts": attempts}
+        values: dict[str, object] = {"attempts": attempts, "claimed_by": None}
         with logs.context(msg_id=row.message_id):
             if error is None:
                 values.update(state="sent", sent_at=now, last_error=None)
@@ -105,13 +105,39 @@ def _finish(
 CLAIM_FOR = timedelta(minutes=10)  # a claimed row is due again after this (relay died)
 
 
+def _free_dead_claims(db: Database, now: datetime) -> int:
+    """Make the rows claimed by a relay that died on this host due at once (instead of
+    after CLAIM_FOR); returns how many. Claims of other hosts wait out CLAIM_FOR."""
+    with db.sessions() as session:
+        claimers = session.scalars(
+            select(Outbox.claimed_by)
+            .where(Outbox.state == "queued", Outbox.claimed_by.is_not(None))
+            .distinct()
+        )
+        dead = [claimer for claimer in claimers if claimer and leases.gone(claimer)]
+    if not dead:
+        return 0
+    with db.transaction() as session:
+        freed = session.execute(
+            update(Outbox)
+            .where(Outbox.state == "queued", Outbox.claimed_by.in_(dead))
+            .values(next_attempt_at=now, claimed_by=None)
+            .execution_options(synchronize_session=False)
+        ).rowcount  # type: ignore[attr-defined]
+    log.warning("%d outgoing mail(s) claimed by %s, whose process is gone: due now",
+                freed, ", ".join(dead))
+    return int(freed)
+
+
 def _claim(db: Database, row_id: int, now: datetime) -> Outbox | None:
     """The row if it is still due, claimed for this relay; None when another has it.
 
-    The claim moves `next_attempt_at` past the send, in one conditional UPDATE (on
-    PostgreSQL after FOR UPDATE SKIP LOCKED), so a second relay — in this daemon or another
-    — finds the row not due and passes over it. `_finish` then records the outcome.
+    The claim moves `next_attempt_at` past the send and names this process as the claimer,
+    in one conditional UPDATE (on PostgreSQL after FOR UPDATE SKIP LOCKED), so a second
+    relay — in this daemon or another — finds the row not due and passes over it (unless
+    the claimer died on its host: `_free_dead_claims`). `_finish` records the outcome.
     """
+    claim = {"next_attempt_at": now + CLAIM_FOR, "claimed_by": leases.process_owner()}
     with db.transaction() as session:
         query = select(Outbox).where(
             Outbox.id == row_id, Outbox.state == "queued", Outbox.next_attempt_at <= now
@@ -124,7 +150,7 @@ def _claim(db: Database, row_id: int, now: datetime) -> Outbox | None:
                 .where(
                     Outbox.id == row_id, Outbox.state == "queued", Outbox.next_attempt_at <= now
                 )
-                .values(next_attempt_at=now + CLAIM_FOR)
+                .values(**claim)
                 .execution_options(synchronize_session=False)
             )
             if not claimed.rowcount:  # type: ignore[attr-defined]
@@ -132,13 +158,15 @@ def _claim(db: Database, row_id: int, now: datetime) -> Outbox | None:
             return session.get(Outbox, row_id)
         row = session.scalar(query)
         if row is not None:
-            row.next_attempt_at = now + CLAIM_FOR
+            row.next_attempt_at, row.claimed_by = claim["next_attempt_at"], claim["claimed_by"]
         return row
 
 
 async def relay(db: Database, cfg: SmtpConfig, clock: Callable[[], datetime]) -> RelayResult:
     """Send every due row once; stops the batch early when the server is unreachable."""
     result = RelayResult()
+    if cfg.host:
+        _free_dead_claims(db, clock())
     while ids := _due(db, clock()):
         if not cfg.host:
             for row_id in ids:

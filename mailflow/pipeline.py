@@ -18,19 +18,28 @@ from dataclasses import dataclass
 from datetime import datetime, timedelta
 
 from sqlalchemy import bindparam, insert, select, update
-from sqlalchemy.exc import DataError, IntegrityError, SQLAlchemyError
-from sqlalchemy.orm import Session
+from sqlalchemy.exc import (
+    DataError,
+    DBAPIError,
+    IntegrityError,
+    SQLAlchemyError,
+    StatementError,
+)
+from sqlalchemy.orm import Session, defer
 
 from mailflow import (
     approvals,
+    bounces,
     commands,
     exporter,
-    guard,
+    governor,
     incidents,
     logs,
+    parties,
     refusals,
     requests,
     senders,
+    size_limits,
     tracking,
 )
 from mailflow.desk import Desk
@@ -43,6 +52,25 @@ log = logging.getLogger(__name__)
 
 QUARANTINE_RETRIES = 3
 SQLITE_BATCH = 50  # messages per transaction on SQLite (see batch_size)
+# Stored bytes per transaction, whatever the count: on SQLite the claim rewrites every row
+# of the batch, raw bytes and all; a message bigger than this is a batch of its own.
+BATCH_BYTES = 32 * 2**20
+PENDING_PAGE = 500  # rows read per look for pending work
+# What says the database itself failed, not the mail (the batch rolls back and is tried
+# again later): SQLite result code names, PostgreSQL SQLSTATE classes, by prefix. Any other
+# error a statement raises while a message is handled quarantines that message alone.
+DATABASE_FAILURES = {
+    "sqlite": (
+        "SQLITE_BUSY", "SQLITE_LOCKED", "SQLITE_IOERR", "SQLITE_FULL", "SQLITE_CANTOPEN",
+        "SQLITE_READONLY", "SQLITE_CORRUPT", "SQLITE_NOTADB", "SQLITE_NOMEM",
+        "SQLITE_PROTOCOL", "SQLITE_INTERRUPT", "SQLITE_PERM",
+    ),
+    # connection, transaction rollback (deadlock, serialization), resources, object state
+    # (lock not available), operator intervention, system error, internal error; a table
+    # or column missing (a schema not yet upgraded) is the database's too
+    "postgresql": ("08", "40", "53", "55", "57", "58", "XX", "42P01", "42703"),
+}
+SQLITE_SCHEMA_FAULTS = ("no such table", "no such column")  # SQLite names them only in words
 _MESSAGE_ID = re.compile(rb"^message-id:[ \t]*(.*(?:\r?\n[ \t].*)*)", re.IGNORECASE | re.MULTILINE)
 _HEADER_END = re.compile(rb"\r?\n\r?\n")
 _CONTROLS = re.compile(r"[\x00-\x1f\x7f]")
@@ -126,8 +154,11 @@ def _automatic(desk: Desk, mail: ParsedMail) -> str | None:
 
 def handle(session: Session, desk: Desk, inbound: Inbound, now: datetime) -> Outcome:
     """Process one stored message inside the caller's transaction."""
-    mail = guard.parse_limited(inbound.raw, desk.settings.limits)
-    outcome = _route(session, desk, inbound, mail, now)
+    mail = size_limits.parse_limited(inbound.raw, desk.settings.limits)
+    try:
+        outcome = _route(session, desk, inbound, mail, now)
+    finally:  # a mail that raised leaves no state behind for the next one
+        governor.end(session)
     # What the mail says goes on its row last. The row holds the raw bytes, which every
     # UPDATE rewrites: set first, it took an UPDATE of its own when a new ticket was
     # flushed for its id, besides the one that records the outcome.
@@ -135,7 +166,7 @@ def handle(session: Session, desk: Desk, inbound: Inbound, now: datetime) -> Out
     inbound.to_addrs = ", ".join(mail.to + mail.cc)
     inbound.subject = mail.subject
     inbound.text = mail.new_text
-    left_out = guard.omitted_text(mail)
+    left_out = size_limits.omitted_text(mail)
     if left_out and outcome.ticket is not None and not outcome.opened:
         inbound.text = f"{mail.new_text}\n\n[未收录 / left out: {left_out}]".strip()
     inbound.sent_at = mail.date
@@ -150,22 +181,26 @@ def _route(
         return Outcome("ignored", "not a mail message")
     automatic = _automatic(desk, mail)
     if automatic:
-        report = guard.delivery_report(session, desk, inbound, now) if mail.auto else None
-        return Outcome("ignored", guard.safe_text(report or f"automatic mail: {automatic}"))
+        report = bounces.delivery_report(session, desk, inbound, now) if mail.auto else None
+        return Outcome("ignored", bounces.safe_text(report or f"automatic mail: {automatic}"))
     refused = senders.refused_sender(desk, mail)
     if refused:
-        return Outcome("ignored", guard.safe_text(refused))
+        return Outcome("ignored", bounces.safe_text(refused))
     ticket = tracking.find_ticket(session, mail.subject, mail.in_reply_to, mail.references)
     # A reply to a digest or report is about no ticket, unless its subject names one.
     if ticket is None and tracking.answers_ticketless_mail(session, mail.in_reply_to):
         return Outcome("ignored", "a reply to a digest or report, which belongs to no ticket")
-    guard.begin(session, mail, inbound, now)
+    governor.begin(session, mail, inbound, now)
     ticket = ticket or approvals.ticket_by_token(session, mail, desk.address)
     process = incidents if ticket is None or ticket.kind == "incident" else requests
     if ticket is not None and _closed_too_long(desk, ticket, mail, now):
         parent, ticket = ticket, None
     else:
         parent = None
+    query = parties.fresh_query(mail) if ticket is None and parent is None else None
+    if query is not None:  # 查询 INC-12, 我的工单: answered to the sender alone, no ticket opened
+        reason, about = parties.answer_query(session, desk, mail, inbound, query, now)
+        return Outcome("processed", reason, about)
     if ticket is None:
         found = desk.rules.classify(
             mail.subject, mail.text, mail.from_addr, session.get(Person, mail.from_addr))
@@ -175,22 +210,19 @@ def _route(
             ticket.parent_id = parent.id
             record(session, ticket, "linked", "mailflow", now, f"follows closed {parent.ref}")
         process = incidents if ticket.kind == "incident" else requests
-        guard.on_ticket(session, desk, ticket, mail, inbound, now, new=True)
+        governor.on_ticket(session, desk, ticket, mail, inbound, now, new=True)
         process.on_new(session, desk, ticket, mail, inbound, now)
-        guard.end(session)
         return Outcome("processed", None, ticket, opened=True)
     inbound.ticket_id = ticket.id
     who = senders.identify(session, desk, ticket, mail)
-    guard.on_ticket(session, desk, ticket, mail, inbound, now, new=False)
+    governor.on_ticket(session, desk, ticket, mail, inbound, now, new=False)
     # Recorded for the staff and passed on to nobody; an approval token's own checks tell
     # its approver about anyone else who tries it (requests.decide).
     if not who.on_ticket and not approvals.tokens_in(mail, desk.address):
         refusals.stranger(session, desk, ticket, mail, inbound.id, now)
-        guard.end(session)
         return Outcome("processed", f"{who.address} is not on {ticket.ref}", ticket)
     tracking.remember(session, ticket, mail.message_id)
     process.on_reply(session, desk, ticket, mail, inbound, now, who)
-    guard.end(session)
     return Outcome("processed", None, ticket)
 
 
@@ -222,9 +254,11 @@ def _claim(session: Session, desk: Desk, ids: list[int]) -> dict[int, Inbound]:
 
     PostgreSQL: FOR UPDATE SKIP LOCKED — a row another daemon is working on is passed over
     (absent). SQLite: a first write takes the database's write lock (waiting its turn), so
-    the states read next are the latest committed ones.
+    the states read next are the latest committed ones. `ids` is one batch: its length is
+    bounded by `batch_size` and `BATCH_BYTES`.
     """
-    query = select(Inbound).where(Inbound.id.in_(ids))
+    # The raw bytes are read one message at a time, when it is handled (see _process_claimed).
+    query = select(Inbound).where(Inbound.id.in_(ids)).options(defer(Inbound.raw))
     if desk.db.is_postgres:
         query = query.with_for_update(skip_locked=True)
     else:
@@ -282,33 +316,71 @@ def _process_claimed(
     logs.bind(msg_id=inbound.message_id)
     if inbound.state not in ("pending", "quarantined"):  # done by another daemon
         return Outcome("skipped", f"already {inbound.state}")
-    if _answers_pending(session, inbound):
-        return Outcome("deferred", "answers mail still being processed")
+    try:
+        outcome = _quarantined_on_failure(session, desk, inbound, now)
+    finally:
+        session.expire(inbound, ["raw"])  # its bytes go now, not with the batch
+    if outcome.ticket is not None:
+        logs.bind(ticket=outcome.ticket.ref)
+    return outcome
+
+
+def _quarantined_on_failure(
+    session: Session, desk: Desk, inbound: Inbound, now: datetime
+) -> Outcome:
+    """Every step of one message in a savepoint: a failure rolls back and quarantines this
+    message alone; only a failure of the database itself goes on to roll back the batch."""
     for last_try in (False, True):
         try:
             # One flush when the savepoint is released, not one per query (3× faster).
             with session.begin_nested(), session.no_autoflush:
-                outcome = handle(session, desk, inbound, now)
-                inbound.state, inbound.reason = outcome.state, outcome.reason
-                inbound.processed_at = now
-                inbound.attempts += 1
+                return _handled(session, desk, inbound, now)
         except IntegrityError as exc:
             if last_try:
                 return _quarantine(inbound, now, exc)
             # A concurrent daemon inserted the same row first (e.g. a new requester's
             # details): rolled back; processed again at once against the committed data.
             log.warning("conflict with a concurrent transaction, trying again: %s", exc.orig)
-            continue
         except DataError as exc:  # this mail's data cannot be stored: retrying will not help
             return _quarantine(inbound, now, exc)
-        except SQLAlchemyError:
-            raise  # the database itself failed: the batch rolls back, retried later
+        except SQLAlchemyError as exc:
+            if _database_failed(session, exc):
+                raise  # the batch rolls back, retried later
+            return _quarantine(inbound, now, exc)
         except Exception as exc:  # noqa: BLE001 — a poison message must not stop the others
             return _quarantine(inbound, now, exc)
-        if outcome.ticket is not None:
-            logs.bind(ticket=outcome.ticket.ref)
-        return outcome
     raise AssertionError("unreachable")
+
+
+def _handled(session: Session, desk: Desk, inbound: Inbound, now: datetime) -> Outcome:
+    """Defer a mail that answers one still pending, else handle it and record the outcome."""
+    if _answers_pending(session, inbound):
+        return Outcome("deferred", "answers mail still being processed")
+    outcome = handle(session, desk, inbound, now)
+    inbound.state, inbound.reason = outcome.state, outcome.reason
+    inbound.processed_at = now
+    inbound.attempts += 1
+    return outcome
+
+
+def _database_failed(session: Session, exc: SQLAlchemyError) -> bool:
+    """Whether a statement failed because of the database (connection lost, locked, disk
+    full ...) rather than what this message made it do (e.g. too many parameters)."""
+    if not isinstance(exc, DBAPIError):
+        return not isinstance(exc, StatementError)  # else a value of this mail's was refused
+    if exc.connection_invalidated:
+        return True
+    code = getattr(exc.orig, "sqlite_errorname", None) or getattr(exc.orig, "sqlstate", None)
+    dialect = session.get_bind().dialect.name
+    if code and str(code).startswith(DATABASE_FAILURES.get(dialect, ())):
+        return True
+    if dialect == "sqlite" and str(exc.orig).startswith(SQLITE_SCHEMA_FAULTS):
+        return True
+    try:  # the savepoint is rolled back: a database that still answers is fine
+        session.connection().exec_driver_sql("SELECT 1")
+    except SQLAlchemyError:
+        return True
+    return False
 
 
 _EARLIER_PENDING = (
@@ -324,17 +396,22 @@ _EARLIER_PENDING = (
 
 def _answers_pending(session: Session, inbound: Inbound) -> bool:
     """Does this mail answer an earlier one still pending (perhaps in another daemon's
-    hands)? Then it waits, so a reply never opens a ticket of its own beside its original."""
+    hands)? Then it waits, so a reply never opens a ticket of its own beside its original.
+
+    Only the last `tracking.REFS_KEPT` ids of each header are asked about (RFC 5322
+    §3.6.4 lets a References list be trimmed so): a statement's parameters never grow with
+    a header.
+    """
     end = _HEADER_END.search(inbound.raw)
     head = inbound.raw[: end.start()] if end else inbound.raw[:65536]
-    refs = {
-        ref.decode("ascii", "replace").strip()[:MESSAGE_ID_LIMIT]
-        for value in _THREAD_HEADERS.findall(head)
-        for ref in re.findall(rb"<([^<>\s\x00-\x1f\x7f]+)>", value)
-    }
+    refs: dict[str, None] = {}
+    for value in _THREAD_HEADERS.findall(head):
+        ids = re.findall(rb"<([^<>\s\x00-\x1f\x7f]+)>", value)[-tracking.REFS_KEPT :]
+        refs.update((ref.decode("ascii", "replace").strip()[:MESSAGE_ID_LIMIT], None)
+                    for ref in ids)
     if not refs:
         return False
-    params = {"refs": list(refs), "id": inbound.id}
+    params = {"refs": list(refs)[-2 * tracking.REFS_KEPT :], "id": inbound.id}
     return session.connection().scalar(_EARLIER_PENDING, params) is not None
 
 
@@ -348,15 +425,23 @@ def _quarantine(inbound: Inbound, now: datetime, exc: Exception) -> Outcome:
     return Outcome("quarantined", inbound.reason)
 
 
-def pending_ids(session: Session, now: datetime, limit: int = 500) -> list[int]:
+def pending_ids(session: Session, now: datetime, limit: int = PENDING_PAGE) -> list[int]:
     """Pending rows in arrival order, then quarantined ones due for another try."""
-    ids = list(
-        session.scalars(
-            select(Inbound.id).where(Inbound.state == "pending").order_by(Inbound.id).limit(limit)
+    return [row_id for row_id, _ in _pending(session, now, limit)]
+
+
+def _pending(session: Session, now: datetime, limit: int) -> list[tuple[int, int]]:
+    """(id, stored size) of the rows pending_ids() names, in its order."""
+    rows = list(
+        session.execute(
+            select(Inbound.id, Inbound.size)
+            .where(Inbound.state == "pending")
+            .order_by(Inbound.id)
+            .limit(limit)
         )
     )
-    ids += session.scalars(
-        select(Inbound.id)
+    rows += session.execute(
+        select(Inbound.id, Inbound.size)
         .where(
             Inbound.state == "quarantined",
             Inbound.attempts < QUARANTINE_RETRIES,
@@ -365,7 +450,21 @@ def pending_ids(session: Session, now: datetime, limit: int = 500) -> list[int]:
         .order_by(Inbound.id)
         .limit(limit)
     )
-    return ids
+    return rows
+
+
+def batches(rows: list[tuple[int, int]], count: int, size: int = BATCH_BYTES) -> list[list[int]]:
+    """The ids cut into batches of at most `count` rows and `size` stored bytes (a row
+    bigger than `size` alone), in order."""
+    cut: list[list[int]] = []
+    held = 0
+    for row_id, row_size in rows:
+        if not cut or len(cut[-1]) >= count or held + (row_size or 0) > size:
+            cut.append([])
+            held = 0
+        cut[-1].append(row_id)
+        held += row_size or 0
+    return cut
 
 
 def process_pending(
@@ -378,23 +477,24 @@ def process_pending(
 
     `stop` is asked between messages (a daemon shutting down finishes the one in hand);
     `between_batches` is called after each commit, outside any transaction. Rows another
-    daemon holds or has done meanwhile are passed over and not counted.
+    daemon holds or has done meanwhile are passed over and not counted. A batch is bounded
+    by count (`batch_size`) and by stored bytes (`BATCH_BYTES`).
     """
-    done, size = 0, batch_size(desk)
+    done = 0
     while True:
         with desk.db.sessions() as session:
-            ids = pending_ids(session, clock())
-        if not ids:
+            rows = _pending(session, clock(), PENDING_PAGE)
+        if not rows:
             return done
         progress, deferred = 0, 0
-        for first in range(0, len(ids), size):
+        for batch in batches(rows, batch_size(desk)):
             if stop is not None and stop():
                 return done
-            for outcome in process_batch(desk, ids[first : first + size], clock, stop):
+            for outcome in process_batch(desk, batch, clock, stop):
                 progress += outcome.state in ("processed", "ignored", "quarantined")
                 deferred += outcome.state == "deferred"
             if between_batches is not None:
                 between_batches()
         done += progress
-        if len(ids) < 500 and not (deferred and progress):
+        if len(rows) < PENDING_PAGE and not (deferred and progress):
             return done

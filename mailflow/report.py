@@ -27,7 +27,7 @@ from mailflow import jobs, metrics, notify
 from mailflow.config import monthly_schedule, weekly_schedule
 from mailflow.errors import MailflowError
 from mailflow.metrics import Facts
-from mailflow.models import JobRun, Ticket
+from mailflow.models import Event, JobRun, Ticket
 
 if TYPE_CHECKING:
     from mailflow.config import Settings
@@ -259,6 +259,52 @@ def _requests_opened(desk: Desk, start: datetime, end: datetime) -> int:
         )
 
 
+VENDOR_METRICS = ("handoffs", "replied", "within_contract", "contract_hours",
+                  "mean_response_hours", "max_response_hours")
+
+
+def _vendor_figures(desk: Desk, start: datetime, end: datetime) -> dict[str, dict[str, Any]]:
+    """Per vendor, the hand-overs in the period (`转厂商`) and how soon the vendor answered
+    (its first reply after each), against the response time of its contract ([vendors])."""
+    with desk.db.sessions() as session:
+        handed = select(Event.ticket_id).where(
+            Event.action == "vendor", Event.at >= start, Event.at < end
+        )
+        rows = session.execute(
+            select(Event.ticket_id, Event.at, Event.action, Event.data)
+            .where(Event.ticket_id.in_(handed), Event.action.in_(("vendor", "vendor_replied")))
+            .order_by(Event.ticket_id, Event.id)
+        ).all()
+    figures: dict[str, dict[str, Any]] = {}
+    waiting: dict[int, dict[str, Any]] = {}
+    for ticket_id, at, action, data in rows:
+        data = data or {}
+        if action == "vendor":
+            waiting[ticket_id] = data
+            if not start <= at < end:
+                continue
+            name = data.get("vendor") or data.get("address") or "-"
+            vendor = desk.settings.vendors.get(data.get("vendor") or "")
+            contract = vendor.response.total_seconds() / 3600 if vendor and vendor.response \
+                else None
+            entry = figures.setdefault(name, {"handoffs": 0, "replied": 0, "within_contract": 0,
+                                              "contract_hours": contract, "hours": []})
+            entry["handoffs"] += 1
+            data["_counted"] = name
+        elif (name := waiting.pop(ticket_id, {}).get("_counted")) is not None:
+            entry = figures[name]
+            hours = float(data.get("seconds") or 0) / 3600
+            entry["replied"] += 1
+            entry["hours"].append(hours)
+            if entry["contract_hours"] is not None and hours <= entry["contract_hours"]:
+                entry["within_contract"] += 1
+    for entry in figures.values():
+        hours = entry.pop("hours")
+        entry["mean_response_hours"] = round(sum(hours) / len(hours), 2) if hours else None
+        entry["max_response_hours"] = round(max(hours), 2) if hours else None
+    return dict(sorted(figures.items()))
+
+
 def compute(desk: Desk, since: date | None, until: date | None, now: datetime) -> dict[str, Any]:
     """Every figure of the report for [since, until] (local dates, inclusive)."""
     tz = desk.settings.desk.tz
@@ -304,6 +350,7 @@ def compute(desk: Desk, since: date | None, until: date | None, now: datetime) -
         "change": _change(current, previous),
         "trend": trend,
         "due_incidents": _due_rows(due),
+        "vendors": _vendor_figures(desk, start, end),
     }
 
 
@@ -346,6 +393,8 @@ def csv_rows(data: dict[str, Any]) -> list[tuple[str, str, str, Any]]:
     for item in data["trend"]:
         key = f"{item['since']}..{item['until']}"
         rows += [("trend", key, m, item[m]) for m in GROUP_METRICS[1:]]
+    for name, values in data.get("vendors", {}).items():
+        rows += [("vendor", name, m, values[m]) for m in VENDOR_METRICS]
     return rows
 
 

@@ -27,12 +27,13 @@ from mailflow import (
     jobs,
     lifecycle,
     notify,
+    parties,
     refusals,
     tracking,
 )
 from mailflow.commands import Command
 from mailflow.models import Approval, Inbound, Outbox, Ticket
-from mailflow.tickets import SYSTEM, close_unconfirmed, record
+from mailflow.tickets import SYSTEM, close_unconfirmed, public, record
 
 if TYPE_CHECKING:
     from mailflow.desk import Desk
@@ -147,7 +148,9 @@ def on_reply(
     if not who.proven and not who.may_unproven(cmd.action):
         refusals.unproven(session, desk, ticket, who, cmd, now)
         return
-    why = lifecycle.check(ticket, cmd.action, held)
+    why = lifecycle.check(ticket, cmd.action, held) or parties.why_not(
+        session, desk, ticket, cmd, sender, held
+    )
     if why is not None:
         _refuse_command(session, desk, ticket, sender, cmd, why, held, now, mail.message_id)
         return
@@ -306,7 +309,7 @@ def _decided_now(
         approvals.void(approvals.open_rows(session, ticket), now, f"rejected by {approver}")
         ticket.closed_at = now
         _set_status(session, ticket, "rejected", approver, now)
-        notify.queue(session, desk, "request_rejected", [ticket.requester], now, ticket=ticket,
+        notify.queue(session, desk, "request_rejected", public(session, ticket), now, ticket=ticket,
                      approver=approver, reason=row.reason)
         return
     approvals.void(approvals.open_rows(session, ticket, row.step), now, f"decided by {approver}")
@@ -325,7 +328,7 @@ def _dispatch(session: Session, desk: Desk, ticket: Ticket, now: datetime) -> No
     decided = _decided(session, ticket)
     notify.queue(session, desk, "request_to_executor", executors, now, ticket=ticket,
                  form=ticket.form or {}, labels=forms.LABELS, decided=decided)
-    notify.queue(session, desk, "request_approved", [ticket.requester], now, ticket=ticket,
+    notify.queue(session, desk, "request_approved", public(session, ticket), now, ticket=ticket,
                  decided=decided)
 
 
@@ -418,13 +421,14 @@ def _workers(desk: Desk, ticket: Ticket) -> tuple[str, ...]:
 def _comment(session, desk, ticket, sender, cmd, held, now) -> None:
     """The requester's (or a watcher's) words go to whoever works the request; those of the
     people working it (proven: on_reply) go to the requester."""
-    record(session, ticket, "comment", sender, now, cmd.text)
     if held & _REQUESTER_SIDE:
+        record(session, ticket, "comment", sender, now, cmd.text)
         others = [p for p in _workers(desk, ticket) if p != sender]
         notify.queue(session, desk, "comment_to_team", others, now, ticket=ticket,
                      author=sender, text=cmd.text)
     else:
-        notify.queue(session, desk, "comment", [ticket.requester], now, ticket=ticket,
+        record(session, ticket, "comment", sender, now, cmd.text, public=True)
+        notify.queue(session, desk, "comment", public(session, ticket), now, ticket=ticket,
                      author=sender, text=cmd.text)
 
 
@@ -436,8 +440,14 @@ def _done(session, desk, ticket, sender, cmd, held, now) -> None:
     ticket.solution = cmd.argument or None
     ticket.resolved_at = now
     record(session, ticket, "fulfilled", sender, now, cmd.argument)
-    notify.queue(session, desk, "request_fulfilled", [ticket.requester], now, ticket=ticket,
+    notify.queue(session, desk, "request_fulfilled", public(session, ticket), now, ticket=ticket,
                  author=sender, text=cmd.argument)
+
+
+def _category(session, desk, ticket, sender, cmd, held, now) -> None:
+    rule = parties.category_rule(desk, ticket, cmd.argument)
+    assert rule is not None  # why_not checked it
+    parties.set_category(session, desk, ticket, rule, sender, now)
 
 
 def _confirm(session, desk, ticket, sender, cmd, held, now) -> None:
@@ -459,7 +469,7 @@ def _close(
     ticket.closed_at = now
     record(session, ticket, "confirmed" if reason == "confirmed" else "auto_closed", actor, now,
            reason)
-    notify.queue(session, desk, "request_closed", [ticket.requester], now, ticket=ticket,
+    notify.queue(session, desk, "request_closed", public(session, ticket), now, ticket=ticket,
                  reason=reason)
 
 
@@ -469,6 +479,10 @@ APPLY: dict[str, Any] = {
     "done": _done,
     "confirm": _confirm,
     "reopen": _reopen,
+    "cc": parties.cc,
+    "uncc": parties.uncc,
+    "category": _category,
+    "status": parties.status,
 }
 
 

@@ -48,6 +48,7 @@ from sqlalchemy.orm import Session
 
 from mailflow import lifecycle
 from mailflow.models import KeyValue, Party, Ticket
+from mailflow.tracking import REFS_KEPT
 
 if TYPE_CHECKING:
     from mailflow.config import Settings
@@ -135,6 +136,7 @@ def secret(session: Session, desk: Desk) -> bytes:
         )
         value = session.scalar(select(KeyValue.value).where(KeyValue.key == SECRET_KEY))
         assert value is not None
+        return value.encode("utf-8")  # not cached: the insert may yet roll back
     session.info[_SECRET_CACHE] = value.encode("utf-8")
     return session.info[_SECRET_CACHE]
 
@@ -175,7 +177,7 @@ def reply_tokens(mail: ParsedMail, desk_address: str) -> list[str]:
     address = re.compile(rf"{re.escape(local)}\+{_REPLY}@{re.escape(domain)}")
     thread = re.compile(rf"mf\.[a-z0-9.]{{1,120}}\.{_REPLY}@")
     found = [m.group(1) for a in recipients(mail) if (m := address.fullmatch(a.strip().lower()))]
-    refs = [*mail.in_reply_to[-10:], *mail.references[-100:]]
+    refs = [*mail.in_reply_to[-REFS_KEPT:], *mail.references[-REFS_KEPT:]]
     found += [m.group(1) for r in refs if (m := thread.match(r.strip().lower()))]
     return list(dict.fromkeys(found))
 

@@ -29,7 +29,7 @@ from sqlalchemy.orm import Session
 
 from mailflow import incidents, jobs, notify, sla
 from mailflow.models import Ticket
-from mailflow.tickets import SYSTEM, close_unconfirmed, record
+from mailflow.tickets import SYSTEM, close_unconfirmed, public, record
 
 if TYPE_CHECKING:
     from mailflow.desk import Desk
@@ -203,9 +203,13 @@ def scan(desk: Desk, now: datetime) -> ScanResult:
     while True:
         with desk.db.sessions() as session:
             tickets = _open_incidents(session, after_id)
-            history = incidents.status_history(session, [t.id for t in tickets])
+            ids = [t.id for t in tickets]
+            history = incidents.status_history(session, ids)
+            waits = incidents.vendor_waits(session, ids) if desk.settings.sla.pause_for_vendor \
+                else {}
         for ticket in tickets:
-            item = _assess(desk, ticket, incidents.pauses_of(history.get(ticket.id, [])), now)
+            stopped = incidents.pauses_of(history.get(ticket.id, [])) + waits.get(ticket.id, [])
+            item = _assess(desk, ticket, stopped, now)
             if not (item.warn or item.breach or item.response_breach):
                 continue
             try:
@@ -224,7 +228,7 @@ def auto_close(desk: Desk, now: datetime) -> ScanResult:
         timeout = desk.settings.incident.confirm_timeout
         record(session, ticket, "auto_closed", SYSTEM, now,
                f"no answer within {timeout} of working time")
-        notify.queue(session, desk, "closed", [ticket.requester], now, ticket=ticket,
+        notify.queue(session, desk, "closed", public(session, ticket), now, ticket=ticket,
                      reason="timeout")
 
     return ScanResult(closed=close_unconfirmed(desk, "incident", "resolved", now, closing))

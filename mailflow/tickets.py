@@ -7,7 +7,7 @@ from collections.abc import Callable
 from datetime import datetime
 from typing import TYPE_CHECKING, Any
 
-from sqlalchemy import bindparam, func, insert, select, update
+from sqlalchemy import bindparam, delete, func, insert, or_, select, update
 from sqlalchemy.exc import SQLAlchemyError
 from sqlalchemy.orm import Session
 from sqlalchemy.orm.attributes import set_committed_value
@@ -179,6 +179,58 @@ def add_watchers(
         ])
         record(session, ticket, "watchers", actor, now, ", ".join(added), added=added)
     return added
+
+
+def watchers(session: Session, ticket: Ticket) -> list[str]:
+    """Who is kept informed of the ticket besides its requester."""
+    return sorted(a for a, roles in senders.parties(session, ticket).items() if "watcher" in roles)
+
+
+def public(session: Session, ticket: Ticket) -> list[str]:
+    """Who gets the ticket's public updates (resolution, reopening, comments meant for the
+    requester, closing): its requester and its watchers, never internal notes."""
+    return [ticket.requester, *watchers(session, ticket)]
+
+
+def remove_party(
+    session: Session, ticket: Ticket, address: str, role: str, actor: str, now: datetime
+) -> bool:
+    """Take `address` off the ticket as `role`; whether it was on it."""
+    gone = session.connection().execute(
+        delete(Party).where(
+            Party.ticket_id == ticket.id, Party.address == address, Party.role == role
+        )
+    )
+    if not gone.rowcount:
+        return False
+    action = "watchers" if role == "watcher" else f"{role}_removed"
+    record(session, ticket, action, actor, now, f"removed {address}", removed=[address])
+    return True
+
+
+def add_party(
+    session: Session, ticket: Ticket, address: str, role: str, actor: str, now: datetime
+) -> None:
+    """Put `address` on the ticket as `role` (e.g. its vendor)."""
+    session.connection().execute(_INSERT_PARTY, [
+        {"ticket_id": ticket.id, "address": address, "role": role, "added_at": now,
+         "added_by": actor}
+    ])
+
+
+CLOSED = ("closed", "rejected")
+
+
+def open_tickets_of(session: Session, address: str, limit: int = 50) -> list[Ticket]:
+    """The tickets not yet closed that `address` reported or watches, newest first."""
+    watched = select(Party.ticket_id).where(Party.address == address, Party.role == "watcher")
+    return list(session.scalars(
+        select(Ticket)
+        .where(or_(Ticket.requester == address, Ticket.id.in_(watched)),
+               Ticket.status.not_in(CLOSED))
+        .order_by(Ticket.created_at.desc(), Ticket.id.desc())
+        .limit(limit)
+    ))
 
 
 def confirm_deadline(desk: Desk, resolved_at: datetime) -> datetime:

@@ -12,6 +12,10 @@ from mailflow.models import Inbound, Outbox, ThreadRef, Ticket
 
 TAG = re.compile(r"\[\s*(INC|REQ)\s*-\s*(\d{1,9})\s*\]", re.IGNORECASE)
 KINDS = {"INC": "incident", "REQ": "request"}
+# Message-IDs of a References (or In-Reply-To) list looked up: the last ones, the nearest
+# in the thread (RFC 5322 §3.6.4 allows trimming the list so). No statement's parameter
+# count grows with a header.
+REFS_KEPT = 100
 
 
 def tag(ticket: Ticket) -> str:
@@ -58,8 +62,9 @@ def by_subject(session: Session, subject: str) -> Ticket | None:
 
 
 def by_message_ids(session: Session, message_ids: Iterable[str]) -> Ticket | None:
-    """The ticket of the newest referenced Message-ID we know (sent or received)."""
-    ids = [m for m in message_ids if m][-50:]
+    """The ticket of the newest referenced Message-ID we know (sent or received), among the
+    last `REFS_KEPT`."""
+    ids = [m for m in message_ids if m][-REFS_KEPT:]
     if not ids:
         return None
     refs = dict(session.connection().execute(_REFS, {"ids": ids}).all())

@@ -112,6 +112,28 @@ def test_killed_then_restarted_loses_nothing_and_doubles_nothing(
         assert counted["duplicates"] == 0
 
 
+AT_ONCE = [
+    ("fetched", 1),  # dies holding the mailbox lease
+    ("sending", 1),  # dies holding the claim on the mail the server just accepted
+]
+
+
+@pytest.mark.parametrize(("point", "after"), AT_ONCE, ids=[f"{p}-{n}" for p, n in AT_ONCE])
+def test_restarted_at_once_the_dead_runs_lease_and_claims_give_way(
+    point, after, tmp_path, mailbox, smtp
+):
+    """No waiting out `lease_ttl` (60 s) or `CLAIM_FOR` (10 min): the dead run was on this
+    host and its process is gone, so the next run takes its mailbox and mail over."""
+    config = scenario(tmp_path, mailbox, smtp)
+    killed = crashrun(config, "--kill-at", point, "--after", str(after))
+    assert killed.returncode == -signal.SIGKILL, killed.stderr[-2000:]
+    restarted = crashrun(config)  # at once: the dead run's lease and claims have not run out
+    assert restarted.returncode == 0, restarted.stderr[-2000:]
+    assert "not polled" not in restarted.stderr
+    counted = check_exactly_once(config, mailbox, smtp)
+    assert counted["duplicates"] == (point == "sending")
+
+
 def test_killed_at_every_stage_in_turn(tmp_path, mailbox, smtp):
     """One desk dies at each stage in turn, restarting after each death."""
     config = scenario(tmp_path, mailbox, smtp)

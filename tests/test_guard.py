@@ -320,9 +320,10 @@ def test_mail_on_one_ticket_is_capped_whoever_it_goes_to(tmp_path, mailbox, smtp
                                                           capsys):
     """A requester that is another helpdesk answering every mail, and an engineer's
     threaded out-of-office: each answer goes on to the other side, never back to its
-    sender, so only the per-ticket cap on all mail ends it."""
+    sender. With the machine signals set aside (a score no mail reaches), the per-ticket
+    cap on all mail still ends it: the last safety net."""
     desk = make_desk(tmp_path, mailbox=mailbox, smtp=smtp,
-                     limits={"mails_per_ticket_per_hour": 8})
+                     limits={"mails_per_ticket_per_hour": 8, "machine_score": 99})
     helpdesk = "helpdesk@other.test"
     mailbox.append(make_mail(helpdesk, "打印机坏了", "三楼打印机不能用", date=clock.now))
     seen = 0

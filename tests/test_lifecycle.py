@@ -94,11 +94,12 @@ def test_check_says_why_and_allowed_says_what_instead():
     why = lifecycle.check(ticket, "resolve", desk)
     assert why is not None and "当前处理组" in why and "only" in why
     assert lifecycle.check(ticket, "assign", desk) is None
-    assert lifecycle.allowed(ticket, desk) == ["comment", "note", "assign", "priority"]
+    assert lifecycle.allowed(ticket, desk) == [
+        "comment", "note", "assign", "priority", "cc", "uncc", "category", "status"]
     ticket.status = "closed"
     why = lifecycle.check(ticket, "resolve", held(ticket, "l2@example.test"))
     assert why is not None and "closed" in why
-    assert lifecycle.allowed(ticket, held(ticket, USER)) == ["comment", "reopen"]
+    assert lifecycle.allowed(ticket, held(ticket, USER)) == ["comment", "reopen", "uncc", "status"]
     assert lifecycle.check(ticket, "approve", desk) is not None
 
 

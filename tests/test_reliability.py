@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import base64
 import json
 import shutil
 import subprocess
@@ -9,17 +10,19 @@ import sys
 from datetime import UTC, datetime
 from email import message_from_bytes
 from email.header import decode_header, make_header
+from email.message import EmailMessage
 from pathlib import Path
 
 import pytest
 from servers import SmtpSink
 from sqlalchemy import select
-from support import REPO, desk_config, make_desk, make_mail, run_once, write_config
+from sqlalchemy.exc import DBAPIError
+from support import DESK, REPO, desk_config, make_desk, make_mail, run_once, write_config
 
 from mailflow import incidents, intake
 from mailflow.cli import main
 from mailflow.daemon import Daemon
-from mailflow.models import Inbound, MailboxState, Outbox
+from mailflow.models import Inbound, MailboxState, Outbox, Ticket
 from mailflow.rules import RuleSet
 
 FIXTURES = Path(__file__).parent / "fixtures" / "mail"
@@ -307,3 +310,107 @@ def test_errors_are_one_sentence_on_stderr_with_a_nonzero_status(tmp_path, capsy
     err = capsys.readouterr().err.strip()
     assert code != 0
     assert err.startswith("mailflow: ") and "\n" not in err
+
+
+# -- guarantees broken on purpose once, each guarded here ---------------------------------
+
+_REFUSE = {  # the database refuses every new inbound row, as a full disk would
+    "sqlite": (
+        "CREATE TRIGGER refuse_mail BEFORE INSERT ON inbound "
+        "BEGIN SELECT RAISE(ABORT, 'disk full'); END",
+    ),
+    "postgresql": (
+        "CREATE FUNCTION refuse_mail() RETURNS trigger LANGUAGE plpgsql "
+        "AS $$ BEGIN RAISE EXCEPTION 'disk full'; END $$",
+        "CREATE TRIGGER refuse_mail BEFORE INSERT ON inbound "
+        "FOR EACH ROW EXECUTE FUNCTION refuse_mail()",
+    ),
+}
+_ACCEPT = {
+    "sqlite": ("DROP TRIGGER refuse_mail",),
+    "postgresql": ("DROP TRIGGER refuse_mail ON inbound", "DROP FUNCTION refuse_mail()"),
+}
+
+
+def _execute(desk, statements: tuple[str, ...]) -> None:
+    with desk.db.engine.begin() as connection:
+        for statement in statements:
+            connection.exec_driver_sql(statement)
+
+
+def _folders(mailbox) -> dict[str, int]:
+    """How many mails the inbox and the move_to folder hold on the server."""
+    client = mailbox.client()
+    try:
+        counts = {}
+        for folder in ("INBOX", "Processed"):
+            client.select_folder(folder, readonly=True)
+            counts[folder] = len(client.search("ALL"))
+        return counts
+    finally:
+        client.logout()
+
+
+def test_mail_is_moved_on_the_server_only_after_the_database_commit(
+    tmp_path, mailbox, smtp, clock
+):
+    """With `[imap] move_to`, a mail the database would not store stays in the inbox (moved
+    first, it would be lost); once the database takes it, it is stored once and moved."""
+    desk = make_desk(tmp_path, mailbox=mailbox, smtp=smtp, imap={"move_to": "Processed"})
+    try:
+        mailbox.append(make_mail("user@example.test", "打印机卡纸", "三楼打印机卡纸"))
+        dialect = desk.db.engine.dialect.name
+        _execute(desk, _REFUSE[dialect])
+        source = intake.imap_source(desk)
+        with pytest.raises(DBAPIError, match="disk full"):
+            intake.poll_imap(desk, source, clock)
+        source.close()
+        assert _folders(mailbox) == {"INBOX": 1, "Processed": 0}
+
+        _execute(desk, _ACCEPT[dialect])
+        result = run_once(desk, clock)
+        assert (result.fetched, result.processed) == (1, 1)
+        assert _folders(mailbox) == {"INBOX": 0, "Processed": 1}
+        with desk.db.sessions() as session:
+            assert len(session.scalars(select(Inbound)).all()) == 1
+    finally:
+        desk.close()
+
+
+def test_a_reply_threaded_by_references_alone_joins_its_ticket(desk, mailbox, smtp, clock):
+    """In-Reply-To names a mail the desk never saw (a colleague's forward) and the subject
+    lost its tag: the desk's acknowledgement in References still finds the ticket."""
+    mailbox.append(make_mail("user@example.test", "打印机卡纸", "三楼打印机卡纸"))
+    run_once(desk, clock)
+    ack = next(m for m in smtp.messages if m.rcpt_tos == ["user@example.test"])
+    ack_id = message_from_bytes(ack.content)["Message-ID"].strip()
+    colleague = "<fwd-1@colleague.example.test>"
+    mailbox.append(make_mail(
+        "user@example.test", "Re: 打印机问题", "同事说重启后还是卡纸",
+        in_reply_to=colleague, references=[ack_id, colleague],
+    ))
+    clock.advance(minutes=30)
+    assert run_once(desk, clock).processed == 1
+    with desk.db.sessions() as session:
+        tickets = session.scalars(select(Ticket)).all()
+        reply_row = session.scalars(select(Inbound).order_by(Inbound.id.desc())).first()
+    assert [t.ref for t in tickets] == ["INC-1"]
+    assert reply_row.ticket_id == tickets[0].id and reply_row.state == "processed"
+
+
+def test_gb2312_labelled_text_is_read_as_gb18030(desk, mailbox, smtp, clock):
+    """Mail clients label GBK text gb2312: read strictly as GB2312, `——` and `·` would come
+    out as U+2015 and U+30FB."""
+    text = "会议室投影仪——无法显示，请王工·李工看看"
+    msg = EmailMessage()
+    msg["From"], msg["To"], msg["Subject"] = "user@example.test", DESK, "投影仪故障"
+    msg["Message-ID"] = "<gb2312-1@example.test>"
+    msg.set_payload(base64.encodebytes(text.encode("gb18030")).decode())
+    msg["Content-Type"] = 'text/plain; charset="gb2312"'
+    msg["Content-Transfer-Encoding"] = "base64"
+    mailbox.append(msg.as_bytes())
+    assert run_once(desk, clock).processed == 1
+    with desk.db.sessions() as session:
+        ticket = session.scalars(select(Ticket)).one()
+    assert text in ticket.description
+    assert "\u2015" not in ticket.description and "\u30fb" not in ticket.description

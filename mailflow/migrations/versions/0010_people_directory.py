@@ -1,8 +1,8 @@
 """people directory: department, phone, location, language, VIP, where the details came
 from (csv | ldap | mail) and when they were last loaded
 
-Revision ID: 0009
-Revises: 0008
+Revision ID: 0010
+Revises: 0009
 """
 
 import sqlalchemy as sa
@@ -10,8 +10,8 @@ from alembic import op
 
 import mailflow.models
 
-revision = "0009"
-down_revision = "0008"
+revision = "0010"
+down_revision = "0009"
 branch_labels = None
 depends_on = None
 
