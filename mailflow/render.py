@@ -37,7 +37,7 @@ REPLY_PLACEHOLDER = "mailflow-reply-address.invalid"
 TIME_FORMAT = "%Y-%m-%d %H:%M %Z"
 # What the mail being rendered is: its subject, rules and desk settings, for the macros
 # (imported without the template's context) and filters. Per thread: jobs render beside mail.
-_MAIL: ContextVar[dict[str, Any]] = ContextVar("mail", default={})
+_MAIL: ContextVar[dict[str, Any] | None] = ContextVar("mail", default=None)
 
 # What a person reads instead of a code, by language.
 LABELS: dict[str, dict[str, dict[str, str]]] = {
@@ -89,6 +89,10 @@ def label(kind: str, code: str | None, language: str) -> str:
     return table.get(code, code)
 
 
+def _mail() -> dict[str, Any]:
+    return _MAIL.get() or {}
+
+
 class Phrase(str):
     """A sentence given in every language. As a str it is the bilingual "中文 / English"
     (what events record); `in_(language)` is the one a mail in that language shows."""
@@ -97,7 +101,8 @@ class Phrase(str):
 
     def __new__(cls, texts: Mapping[str, str], **values: Any) -> Phrase:
         filled = {lang: text.format(**values) for lang, text in texts.items()}
-        phrase = super().__new__(cls, " / ".join(filled[lang] for lang in LANGUAGES if lang in filled))
+        both = " / ".join(filled[lang] for lang in LANGUAGES if lang in filled)
+        phrase = super().__new__(cls, both)
         phrase.texts = filled
         return phrase
 
@@ -158,14 +163,14 @@ class Renderer:
         return lambda code: label(kind, code, self.language)
 
     def _category(self, code: str | None) -> str:
-        rules = _MAIL.get().get("rules")
+        rules = _mail().get("rules")
         if not code:
             return "-"
         return rules.label(code, self.language) if rules is not None else code
 
     def _say(self, value: Any) -> str:
         """A Phrase in the mail's language (both, on a bilingual desk); anything else as is."""
-        desk = _MAIL.get().get("desk")
+        desk = _mail().get("desk")
         if isinstance(value, Phrase) and not getattr(desk, "bilingual", False):
             return value.in_(self.language)
         return "" if value is None else str(value)
@@ -173,7 +178,7 @@ class Renderer:
     def _action(self, code: str) -> str:
         """The action link of a command: a reply to the recipient's own reply address (filled
         in per recipient), keeping the subject's ticket tag, the command word pre-filled."""
-        subject = _MAIL.get().get("subject", "")
+        subject = _mail().get("subject", "")
         word = label("action", code, self.language)
         return mailto(REPLY_PLACEHOLDER, f"Re: {subject}", f"{word} ")
 
