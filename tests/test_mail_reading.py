@@ -154,3 +154,19 @@ def test_a_bilingual_desk_keeps_english_in_zh_cn_mail(tmp_path, mailbox, smtp, c
         assert "Your incident is registered as INC-1" in "".join(links.text)
     finally:
         desk.close()
+
+
+def test_show_and_tickets_print_local_times_with_the_zone_json_keeps_utc(
+    desk, mailbox, clock, capsys
+):
+    open_ticket("zh-CN", desk, mailbox, clock)
+    due = show(desk, capsys)["due_at"]
+    assert due.endswith("Z")  # the contract: ISO 8601 UTC
+    local = datetime.fromisoformat(due.replace("Z", "+00:00")).astimezone(
+        ZoneInfo("Asia/Shanghai")
+    ).strftime("%Y-%m-%d %H:%M CST")
+    for command in (["show", "INC-1"], ["tickets"]):
+        capsys.readouterr()
+        assert main(["--config", str(desk.settings.path), *command]) == 0
+        out = capsys.readouterr().out
+        assert local in out and due not in out
