@@ -93,6 +93,12 @@ def _mail() -> dict[str, Any]:
     return _MAIL.get() or {}
 
 
+def _bilingual() -> bool:
+    """Whether the desk being rendered for writes zh-CN mail in both languages (for macros,
+    which do not see the template's `desk`)."""
+    return bool(getattr(_mail().get("desk"), "bilingual", False))
+
+
 class Phrase(str):
     """A sentence given in every language. As a str it is the bilingual "中文 / English"
     (what events record); `in_(language)` is the one a mail in that language shows."""
@@ -154,7 +160,9 @@ class Renderer:
             env.filters[kind] = self._labeller(kind)
         env.filters["category"] = self._category
         env.filters["say"] = self._say
-        env.globals.update(format=fmt, language=self.language, action=self._action)
+        env.globals.update(
+            format=fmt, language=self.language, action=self._action, bilingual=_bilingual
+        )
         # Shared macros (summary, commands, footer) are available to every template as `m`.
         env.globals["m"] = env.get_template("_macros.txt").module
         return env
@@ -216,7 +224,7 @@ class Renderer:
         env = self.envs["html"]
         body = _paragraphs(self._block(env.get_template(f"{name}.txt"), "body", context))
         layout = env.get_template("_layout.html")
-        return layout.render(**context, subject=subject, body=Markup(body))
+        return layout.render(mail_subject=subject, body=Markup(body))
 
     def names(self) -> list[str]:
         return sorted(

@@ -136,7 +136,7 @@ def test_manager_digest_figures(built):
     assert _refs(_lines(text, "昨日重开")) == ["INC-4"]
     assert _refs(_lines(text, "昨日新事件")) == ["INC-3", "INC-5", "INC-6", "INC-7"]
     resolved = _lines(text, "昨日解决")
-    assert _refs(resolved) == ["INC-3"] and "已于 2026-11-23 11:00 解决（按时" in resolved[0]
+    assert _refs(resolved) == ["INC-3"] and "已于 2026-11-23 11:00 CST 解决（按时" in resolved[0]
     assert built["lead@example.test"].text.replace("lead@", "im@") == text
 
 
