@@ -12,7 +12,7 @@ from urllib.parse import unquote, urlsplit
 from zoneinfo import ZoneInfo
 
 import pytest
-from support import make_desk, make_mail, parsed, run_once
+from support import body_of, make_desk, make_mail, parsed, reply, run_once
 
 from mailflow.cli import main
 
@@ -170,3 +170,25 @@ def test_show_and_tickets_print_local_times_with_the_zone_json_keeps_utc(
         assert main(["--config", str(desk.settings.path), *command]) == 0
         out = capsys.readouterr().out
         assert local in out and due not in out
+
+
+REFUSED = {
+    "zh-CN": ("已解决 好了", "只有 事件经理、当前处理组 可以执行 “已解决”"),
+    "en": ("resolve done", "only the incident manager or the owning tier may do this"),
+}
+
+
+def test_a_refusal_gives_its_reason_in_the_mail_language_only(
+    lang_desk, mailbox, smtp, clock
+):
+    language, desk = lang_desk
+    open_ticket(language, desk, mailbox, clock)
+    command, reason = REFUSED[language]
+    ack = last_to(smtp, "zhang.san@example.test")
+    mailbox.append(reply(ack, "zhang.san@example.test", command, quote=False))
+    run_once(desk, clock)
+    refused = last_to(smtp, "zhang.san@example.test")
+    text = body_of(refused)
+    assert reason in text and " / " not in text.split(reason)[0].splitlines()[-1]
+    assert_one_language(language, text)
+    assert_one_language(language, "".join(parts(refused)[2].text))
