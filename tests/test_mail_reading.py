@@ -192,3 +192,22 @@ def test_a_refusal_gives_its_reason_in_the_mail_language_only(
     assert reason in text and " / " not in text.split(reason)[0].splitlines()[-1]
     assert_one_language(language, text)
     assert_one_language(language, "".join(parts(refused)[2].text))
+
+
+def test_an_unproven_command_is_explained_in_the_mail_language_only(
+    lang_desk, mailbox, smtp, clock
+):
+    language, desk = lang_desk
+    open_ticket(language, desk, mailbox, clock)
+    command, _ = REFUSED[language]
+    before = len(smtp.messages)
+    # A fresh mail naming the ticket, from the requester's address: nothing proves who wrote it.
+    mailbox.append(make_mail("zhang.san@example.test", "Re: [INC-1] ?", command))
+    run_once(desk, clock)
+    told = [m.content for m in smtp.messages[before:] if "zhang.san@example.test" in m.rcpt_tos]
+    assert len(told) == 1
+    doubt = "没有回复服务台" if language == "zh-CN" else "answers no mail the desk sent"
+    text = body_of(told[0])
+    assert doubt in text
+    assert_one_language(language, text)
+    assert_one_language(language, "".join(parts(told[0])[2].text))
