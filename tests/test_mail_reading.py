@@ -65,9 +65,9 @@ def lang_desk(request, tmp_path, mailbox, smtp):
     made.close()
 
 
-def show(desk, capsys) -> dict:
+def show(desk, capsys, ref: str = "INC-1") -> dict:
     capsys.readouterr()
-    assert main(["--config", str(desk.settings.path), "show", "INC-1", "--json"]) == 0
+    assert main(["--config", str(desk.settings.path), "show", ref, "--json"]) == 0
     return json.loads(capsys.readouterr().out)
 
 
@@ -211,3 +211,22 @@ def test_an_unproven_command_is_explained_in_the_mail_language_only(
     assert doubt in text
     assert_one_language(language, text)
     assert_one_language(language, "".join(parts(told[0])[2].text))
+
+
+def client_reply(href: str, sender: str, extra: str = "") -> bytes:
+    """What a mail client sends for a `mailto:` link: a new mail, no In-Reply-To."""
+    url = urlsplit(href)
+    query = dict(pair.split("=", 1) for pair in url.query.split("&"))
+    body = unquote(query["body"]) + extra
+    return make_mail(sender, unquote(query["subject"]), body, to=url.path)
+
+
+def test_the_approve_link_of_an_approval_mail_approves(desk, mailbox, smtp, clock, capsys):
+    mailbox.append(make_mail("zhang.san@example.test", "申请开通VPN", "申请原因：出差期间访问内网"))
+    run_once(desk, clock)
+    approval = last_to(smtp, "approver@example.test")
+    approve = next(h for h in parts(approval)[2].hrefs if "body=%E5%90%8C%E6%84%8F" in h)  # 同意
+    assert urlsplit(approve).path == str(parsed(approval)["Reply-To"])  # the one-time token
+    mailbox.append(client_reply(approve, "approver@example.test"))
+    run_once(desk, clock)
+    assert show(desk, capsys, "REQ-1")["status"] == "approved"
