@@ -40,6 +40,7 @@ from sqlalchemy.orm import Session
 
 from mailflow import senders
 from mailflow.models import Approval, Ticket
+from mailflow.render import Phrase
 from mailflow.senders import b32 as _b32
 from mailflow.senders import secret
 from mailflow.tracking import REFS_KEPT
@@ -192,33 +193,58 @@ class Verdict:
     auth: str = ""
 
 
-REASONS = {
-    "no_token": "邮件中没有审批凭证：请直接回复您收到的审批邮件 / "
-    "no approval token: reply to the approval mail itself",
-    "several_tokens": "邮件中含有多个不同的审批凭证 / "
-    "the mail carries more than one approval token",
-    "invalid_token": "审批凭证无效 / the approval token is not valid",
-    "other_request": "审批凭证属于另一个申请 {other} / "
-    "the token belongs to another request, {other}",
-    "wrong_sender": "发件人 {sender} 不是该审批凭证的审批人 / "
-    "{sender} is not the approver this token was issued to",
-    "several_senders": "发件人不唯一 / the mail names more than one sender",
-    "on_behalf": "邮件由 {sender} 代发，审批须由审批人本人发送 / "
-    "sent on the approver's behalf by {sender}; approvers decide themselves",
-    "not_authenticated": "发件域未通过 DKIM/DMARC 验证（{auth}）/ "
-    "no DKIM or DMARC pass for the sender's domain ({auth})",
-    "used": "该审批凭证已使用过 / this approval token has already been used",
-    "void": "该审批步骤已有决定或凭证已被替换 / "
-    "this step was already decided or the token replaced",
-    "expired": "审批凭证已于 {expires} 过期 / the approval token expired at {expires}",
-    "not_waiting": "申请当前不在等待此审批 / the request is not waiting for this approval",
-    "reason_required": "驳回须写明原因，例如 “驳回 预算不足” / "
-    "a rejection needs a reason, e.g. “reject no budget”",
+REASONS: dict[str, dict[str, str]] = {  # why a decision mail is refused, by language
+    "no_token": {
+        "zh-CN": "邮件中没有审批凭证：请直接回复您收到的审批邮件",
+        "en": "no approval token: reply to the approval mail itself",
+    },
+    "several_tokens": {
+        "zh-CN": "邮件中含有多个不同的审批凭证",
+        "en": "the mail carries more than one approval token",
+    },
+    "invalid_token": {"zh-CN": "审批凭证无效", "en": "the approval token is not valid"},
+    "other_request": {
+        "zh-CN": "审批凭证属于另一个申请 {other}",
+        "en": "the token belongs to another request, {other}",
+    },
+    "wrong_sender": {
+        "zh-CN": "发件人 {sender} 不是该审批凭证的审批人",
+        "en": "{sender} is not the approver this token was issued to",
+    },
+    "several_senders": {"zh-CN": "发件人不唯一", "en": "the mail names more than one sender"},
+    "on_behalf": {
+        "zh-CN": "邮件由 {sender} 代发，审批须由审批人本人发送",
+        "en": "sent on the approver's behalf by {sender}; approvers decide themselves",
+    },
+    "not_authenticated": {
+        "zh-CN": "发件域未通过 DKIM/DMARC 验证（{auth}）",
+        "en": "no DKIM or DMARC pass for the sender's domain ({auth})",
+    },
+    "used": {"zh-CN": "该审批凭证已使用过", "en": "this approval token has already been used"},
+    "void": {
+        "zh-CN": "该审批步骤已有决定或凭证已被替换",
+        "en": "this step was already decided or the token replaced",
+    },
+    "expired": {
+        "zh-CN": "审批凭证已于 {expires} 过期", "en": "the approval token expired at {expires}",
+    },
+    "not_waiting": {
+        "zh-CN": "申请当前不在等待此审批", "en": "the request is not waiting for this approval",
+    },
+    "reason_required": {
+        "zh-CN": "驳回须写明原因，例如 “驳回 预算不足”",
+        "en": "a rejection needs a reason, e.g. “reject no budget”",
+    },
 }
 
 
+def reason(code: str, **values: str) -> Phrase:
+    """Why a decision mail was refused, in each language."""
+    return Phrase(REASONS[code], **values)
+
+
 def _refuse(code: str, approval: Approval | None = None, **values: str) -> Verdict:
-    return Verdict(False, code, REASONS[code].format(**values), approval)
+    return Verdict(False, code, reason(code, **values), approval)
 
 
 def from_addresses(mail: ParsedMail) -> list[str]:

@@ -288,11 +288,22 @@ def cmd_tickets(args: argparse.Namespace) -> int:
         return 0
     for row in rows:
         tier = row["tier"] or "-"
+        due = _when(desk, row.get("due_at"))
         print(
             f"{row['ref']:<9} {row['status']:<17} {row['priority']} {tier:<3} "
-            f"{row['category']:<14} {row['requester']:<28} {row['subject']}"
+            f"{row['category']:<14} {row['requester']:<28} {due:<20} {row['subject']}"
         )
     return 0
+
+
+TIME_KEYS = frozenset({"created_at", "due_at", "resolved_at"})
+
+
+def _when(desk: Any, iso: str | None) -> str:
+    """An ISO 8601 UTC time of the JSON output as a person reads it: local, with the zone."""
+    if not iso:
+        return "-"
+    return desk.renderer.local(datetime.fromisoformat(iso.replace("Z", "+00:00")))
 
 
 def cmd_show(args: argparse.Namespace) -> int:
@@ -321,7 +332,7 @@ def cmd_show(args: argparse.Namespace) -> int:
         "due_at",
         "resolved_at",
     ):
-        print(f"{key:>12}: {data[key]}")
+        print(f"{key:>12}: {_when(desk, data[key]) if key in TIME_KEYS else data[key]}")
     for key, value in data["requester_details"].items():  # from the people directory
         if value and key in ("department", "phone", "location"):
             print(f"{key:>12}: {value}")
@@ -333,12 +344,14 @@ def cmd_show(args: argparse.Namespace) -> int:
     print("\ninteractions:")
     for item in data["interactions"]:
         arrow = "→" if item["direction"] == "out" else "←"
-        print(f"  {item['at']} {arrow} {item['from']} → {item['to']}: {item['subject']}")
+        when = _when(desk, item["at"])
+        print(f"  {when} {arrow} {item['from']} → {item['to']}: {item['subject']}")
         for line in (item["text"] or "").strip().splitlines()[:6]:
             print(f"      {line}")
     print("\nevents:")
     for event in data["events"]:
-        print(f"  {event['at']} {event['action']:<12} {event['actor']}  {event['detail'][:80]}")
+        when = _when(desk, event["at"])
+        print(f"  {when} {event['action']:<12} {event['actor']}  {event['detail'][:80]}")
     return 0
 
 

@@ -54,6 +54,7 @@ class DeskSettings:
     timezone: str = "Asia/Shanghai"
     secret: str = ""
     poll_interval: float = 30.0
+    bilingual: bool = False  # true: zh-CN mail repeats each sentence in English
 
     @property
     def tz(self) -> ZoneInfo:
@@ -770,6 +771,7 @@ def read_config(path: Path) -> tuple[Settings | None, list[Problem]]:
         timezone=r.get("desk", "timezone", str, DeskSettings.timezone),
         secret=r.secret("desk", "secret"),
         poll_interval=r.get("desk", "poll_interval", float, DeskSettings.poll_interval),
+        bilingual=r.get("desk", "bilingual", bool, DeskSettings.bilingual),
     )
     if not _EMAIL.match(desk.address):
         r.problem("desk.address", f"{desk.address!r} is not an email address")

@@ -26,6 +26,7 @@ from sqlalchemy.orm import Session
 from mailflow import commands, lifecycle, notify, parties, refusals, sla
 from mailflow.commands import Command
 from mailflow.models import Event, Inbound, Ticket
+from mailflow.render import Phrase
 from mailflow.similar import similar_resolved
 from mailflow.tickets import SYSTEM, confirm_deadline, public, record
 
@@ -48,7 +49,35 @@ _COURTESY = sorted(
     reverse=True,
 )
 _NOT_WORDS = re.compile(r"[\W_]+", re.UNICODE)
-USAGE = {"assign": "指派 <邮箱> / assign <email>", "priority": "优先级 P1 / priority P1..P4"}
+USAGE = {  # how a command with an argument is written, by language
+    "zh-CN": {"assign": "指派 <邮箱>", "priority": "优先级 P1"},
+    "en": {"assign": "assign <email>", "priority": "priority P1..P4"},
+}
+# Why an incident command is refused, by language ({argument}, {usage} filled in).
+REFUSALS: dict[str, dict[str, str]] = {
+    "missing_argument": {"zh-CN": "缺少参数：{usage}", "en": "missing argument: {usage}"},
+    "top_tier": {
+        "zh-CN": "已在最高处理层级，可转问题管理（转问题）",
+        "en": "already at the top tier; use `problem`",
+    },
+    "not_an_address": {
+        "zh-CN": "“{argument}” 不是邮箱地址：{usage}",
+        "en": "“{argument}” is not an email address: {usage}",
+    },
+    "outside_support": {
+        "zh-CN": "指派给技术支持人员以外的人须由事件经理执行",
+        "en": "only the incident manager may assign an incident to someone outside IT support",
+    },
+}
+
+
+def _refusal(code: str, action: str = "", argument: str = "") -> Phrase:
+    return Phrase({
+        lang: text.format(argument=argument, usage=USAGE[lang].get(action, ""))
+        for lang, text in REFUSALS[code].items()
+    })
+
+
 # Actions that are no response to the incident (the first staff action is): asking its state.
 NOT_A_RESPONSE = frozenset({"status"})
 
@@ -311,11 +340,11 @@ def why_not(desk: Desk, ticket: Ticket, cmd: Command, held: frozenset[str]) -> s
     """Why the command cannot be applied now; None when it can."""
     why = lifecycle.check(ticket, cmd.action, held)
     if why is None and cmd.action in ("assign", "priority") and not cmd.argument:
-        why = f"缺少参数 / missing argument: {USAGE[cmd.action]}"
+        why = _refusal("missing_argument", cmd.action)
     if why is None and cmd.action == "assign":
         why = _assignee_problem(desk, cmd.argument, held)
     if why is None and cmd.action == "escalate" and lifecycle.next_tier(ticket) is None:
-        why = "已在最高处理层级，可转问题管理 / already at the top tier; use `problem`"
+        why = _refusal("top_tier")
     return why
 
 
@@ -326,13 +355,10 @@ def _assignee_problem(desk: Desk, assignee: str, held: frozenset[str]) -> str | 
     """Why `assignee` cannot be given the incident: not an address, or outside IT support
     and the sender is not the incident manager (the assignee gets the whole description)."""
     if not _EMAIL.fullmatch(assignee):
-        return f"“{assignee}” 不是邮箱地址 / is not an email address: {USAGE['assign']}"
+        return _refusal("not_an_address", "assign", assignee)
     if desk.settings.roles.of(assignee) & lifecycle.STAFF_ROLES or "im" in held:
         return None
-    return (
-        "指派给技术支持人员以外的人须由事件经理执行 / "
-        "only the incident manager may assign an incident to someone outside IT support"
-    )
+    return _refusal("outside_support")
 
 
 def refuse(

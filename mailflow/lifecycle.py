@@ -10,10 +10,12 @@ an IT support role: desk, L2, L3, incident or problem manager), `approver`, `exe
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from dataclasses import dataclass
 
 from mailflow.config import ROLE_KEYS, Settings
 from mailflow.models import Ticket
+from mailflow.render import Phrase, label
 
 OPEN = ("open", "pending")
 EVERY_INCIDENT = ("open", "pending", "resolved", "closed", "problem")
@@ -80,18 +82,48 @@ STAFF_ROLES = frozenset(
     {"service_desk", "service_desk_lead", "l2", "l3", "incident_manager", "problem_manager"}
 )
 
-ROLE_NAMES = {  # (中文, English)
-    "requester": ("报告人", "the requester"),
-    "desk": ("服务台", "the service desk"),
-    "tier": ("当前处理组", "the owning tier"),
-    "im": ("事件经理", "the incident manager"),
-    "staff": ("技术支持人员", "IT staff"),
-    "approver": ("审批人", "the approver"),
-    "executor": ("执行人", "the executor"),
-    "watcher": ("关注人", "a watcher"),
-    "vendor": ("厂商", "the vendor"),
-    "anyone": ("任何人", "anyone"),
+ROLE_NAMES: dict[str, dict[str, str]] = {  # who may act, as a refusal names them
+    "zh-CN": {
+        "requester": "报告人", "desk": "服务台", "tier": "当前处理组", "im": "事件经理",
+        "staff": "技术支持人员", "approver": "审批人", "executor": "执行人",
+        "watcher": "关注人", "vendor": "厂商", "anyone": "任何人",
+    },
+    "en": {
+        "requester": "the requester", "desk": "the service desk", "tier": "the owning tier",
+        "im": "the incident manager", "staff": "IT staff", "approver": "the approver",
+        "executor": "the executor", "watcher": "a watcher", "vendor": "the vendor",
+        "anyone": "anyone",
+    },
 }
+ROLE_JOIN = {"zh-CN": "、", "en": " or "}
+
+# Why a command is refused, by language: {action}, {kind}, {status}, {roles} are filled in.
+REFUSALS: dict[str, dict[str, str]] = {
+    "kind": {
+        "zh-CN": "“{action}” 不适用于{kind}",
+        "en": "“{action}” does not apply to a {kind}",
+    },
+    "status": {
+        "zh-CN": "工单当前状态为 {status}，不能执行 “{action}”",
+        "en": "not possible while the ticket is {status}",
+    },
+    "roles": {
+        "zh-CN": "只有 {roles} 可以执行 “{action}”",
+        "en": "only {roles} may do this",
+    },
+}
+
+
+def _refusal(code: str, ticket: Ticket, action: str, roles: Sequence[str] = ()) -> Phrase:
+    """One refusal in every language, each with the labels of that language."""
+    return Phrase({
+        lang: text.format(
+            action=label("action", action, lang), kind=label("kind", ticket.kind, lang),
+            status=label("status", ticket.status, lang),
+            roles=ROLE_JOIN[lang].join(ROLE_NAMES[lang][r] for r in roles),
+        )
+        for lang, text in REFUSALS[code].items()
+    })
 
 
 def table(ticket: Ticket) -> dict[str, Transition]:
@@ -120,20 +152,14 @@ def is_staff(held: frozenset[str]) -> bool:
 
 
 def check(ticket: Ticket, action: str, held: frozenset[str]) -> str | None:
-    """None when allowed, else why not (in both languages)."""
+    """None when allowed, else why not (a Phrase: in each language)."""
     transition = table(ticket).get(action)
     if transition is None:
-        return f"“{action}” 不适用于此类工单 / does not apply to a {ticket.kind}"
+        return _refusal("kind", ticket, action)
     if ticket.status not in transition.statuses:
-        return (
-            f"工单当前状态为 {ticket.status}，不能执行 “{action}” / "
-            f"not possible while the ticket is {ticket.status}"
-        )
+        return _refusal("status", ticket, action)
     if not held & transition.roles:
-        roles = sorted(transition.roles)
-        zh = "、".join(ROLE_NAMES[r][0] for r in roles)
-        en = " or ".join(ROLE_NAMES[r][1] for r in roles)
-        return f"只有 {zh} 可以执行 “{action}” / only {en} may do this"
+        return _refusal("roles", ticket, action, sorted(transition.roles))
     return None
 
 

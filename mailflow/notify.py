@@ -7,6 +7,7 @@ marker header (so our own mail coming back is recognised and never answered).
 
 from __future__ import annotations
 
+import base64
 import re
 import uuid
 from collections.abc import Iterable
@@ -27,6 +28,7 @@ from sqlalchemy.orm import Session
 
 from mailflow import senders, tracking
 from mailflow.models import Outbox, Ticket
+from mailflow.render import REPLY_PLACEHOLDER
 
 if TYPE_CHECKING:
     from mailflow.desk import Desk
@@ -54,6 +56,9 @@ _CONTROL = re.compile(r"[\x00-\x1f\x7f]+")
 
 
 _INSERT_OUTBOX = insert(Outbox)
+# Stands for the HTML part's base64 body in a built message when that part is each
+# recipient's own (its action links name their reply address): see `build` and `addressed`.
+HTML_SLOT = b"MAILFLOW-PERSONAL-HTML-PART"
 
 
 class Queued(NamedTuple):
@@ -101,12 +106,14 @@ def build(
     Built and serialised once for all the recipients of a notification (compat32 MIME
     classes: 6× faster to build than EmailMessage). `inline` (Content-ID, type, data) parts
     go with the HTML in a multipart/related, so the HTML shows them as `<img src="cid:...">`.
+    An HTML part with action links (which name each recipient's reply address) is left as
+    `HTML_SLOT`, encoded for each recipient in `addressed`.
     """
     body: Message = MIMEText(text, "plain", "utf-8")
     if html:
         alternative = MIMEMultipart("alternative")
         alternative.attach(body)
-        alternative.attach(_related(MIMEText(html, "html", "utf-8"), inline))
+        alternative.attach(_related(_html_part(html), inline))
         body = alternative
     attachments = list(attachments)
     if attachments:
@@ -132,12 +139,35 @@ def build(
     return body.as_bytes(policy=WIRE)
 
 
-def addressed(wire: bytes, recipient: str, message_id: str, reply_to: str | None = None) -> bytes:
+def _html_part(html: str) -> Message:
+    if REPLY_PLACEHOLDER not in html:
+        return MIMEText(html, "html", "utf-8")
+    part = MIMEBase("text", "html", charset="utf-8")
+    part["Content-Transfer-Encoding"] = "base64"
+    part.set_payload(HTML_SLOT.decode("ascii"))
+    return part
+
+
+def personal_html(html: str, reply_address: str) -> bytes:
+    """One recipient's HTML part body: action links to their reply address, base64 in
+    76-character lines as the MIME classes write it."""
+    data = html.replace(REPLY_PLACEHOLDER, reply_address).encode("utf-8")
+    encoded = base64.encodebytes(data).replace(b"\n", b"\r\n")
+    return encoded.rstrip(b"\r\n")
+
+
+def addressed(
+    wire: bytes, recipient: str, message_id: str, reply_to: str | None = None,
+    html: bytes | None = None,
+) -> bytes:
     """One recipient's copy of a built message: its own `To`, `Message-ID` and `Reply-To`
-    (which carry that recipient's reply token) in front."""
+    (which carry that recipient's reply token) in front, and its own HTML part (`html`,
+    from `personal_html`) in the slot `build` left."""
     head = f"To: {clean_header(recipient, 320)}\r\nMessage-ID: <{message_id}>\r\n"
     if reply_to:
         head += f"Reply-To: {clean_header(reply_to, 320)}\r\n"
+    if html is not None:
+        wire = wire.replace(HTML_SLOT, html, 1)
     return head.encode("utf-8") + wire
 
 
@@ -183,7 +213,9 @@ def queue(
     """
     if in_reply_to is None and ticket is not None and ticket.id is not None:
         in_reply_to = tracking.opener_id(session, ticket.id)  # one thread per ticket
-    rendered = desk.renderer.render(template, ticket=ticket, desk=desk.settings.desk, **context)
+    rendered = desk.renderer.render(
+        template, ticket=ticket, desk=desk.settings.desk, rules=desk.rules, **context
+    )
     subject = clean_header(rendered.subject)
     if ticket is not None and tracking.tag(ticket) not in subject:
         subject = f"{tracking.tag(ticket)} {subject}"
@@ -214,7 +246,10 @@ def queue(
             "ticket_id": ticket_id, "message_id": q.message_id, "template": template,
             "sender": desk.address, "recipient": q.recipient, "subject": subject,
             "text": rendered.text,
-            "raw": addressed(wire, q.recipient, q.message_id, q.reply_to),
+            "raw": addressed(
+                wire, q.recipient, q.message_id, q.reply_to,
+                _personal(rendered.html, q.reply_to or desk.address),
+            ),
             "state": "queued", "attempts": 0, "next_attempt_at": now, "created_at": now,
         }
         for q in rows
@@ -225,6 +260,12 @@ def queue(
     if ticket_id is not None:
         tracking.remember_ours(session, ticket_id, [q.message_id for q in rows])
     return rows
+
+
+def _personal(html: str | None, reply_address: str) -> bytes | None:
+    if html is None or REPLY_PLACEHOLDER not in html:
+        return None
+    return personal_html(html, reply_address)
 
 
 def _addressing(

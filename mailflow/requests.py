@@ -266,14 +266,14 @@ def decide(
     verdict = approvals.verify(session, desk, ticket, mail, now)
     if verdict.ok and cmd.action == "reject" and not cmd.argument.strip():
         verdict = approvals.Verdict(
-            False, "reason_required", approvals.REASONS["reason_required"], verdict.approval
+            False, "reason_required", approvals.reason("reason_required"), verdict.approval
         )
     row = verdict.approval
     if verdict.ok and row is not None and _claim(session, row, cmd, now):
         _decided_now(session, desk, ticket, mail, cmd, row, verdict.auth, now)
         return
     if verdict.ok:  # another process decided this token a moment ago
-        verdict = approvals.Verdict(False, "used", approvals.REASONS["used"], row)
+        verdict = approvals.Verdict(False, "used", approvals.reason("used"), row)
     refuse_decision(session, desk, ticket, mail, cmd, verdict, now)
 
 

@@ -48,6 +48,7 @@ from sqlalchemy.orm import Session
 
 from mailflow import lifecycle
 from mailflow.models import KeyValue, Party, Ticket
+from mailflow.render import LANGUAGES, Phrase
 from mailflow.tracking import REFS_KEPT
 
 if TYPE_CHECKING:
@@ -385,14 +386,36 @@ class Sender:
         return bool(self.roles & allowed)
 
 
-def _single_sender(mail: ParsedMail) -> str | None:
+# Why a mail does not prove its sender, by language (shown to the claimed sender).
+DOUBTS: dict[str, dict[str, str]] = {
+    "several_senders": {
+        "zh-CN": "邮件的发件人（From）不唯一", "en": "the mail names more than one sender (From)",
+    },
+    "on_behalf": {
+        "zh-CN": "邮件由 {agent} 代发（Sender）",
+        "en": "sent on the sender's behalf by {agent} (Sender)",
+    },
+    "no_token": {
+        "zh-CN": "它没有回复服务台就本工单发给该地址的任何邮件",
+        "en": "it answers no mail the desk sent to this address about this ticket",
+    },
+    "mta": {"zh-CN": "发件域验证未通过（{verdict}）", "en": "{verdict}"},
+}
+
+
+def _joined(doubts: list[Phrase]) -> Phrase:
+    sep = {"zh-CN": "；", "en": "; "}
+    return Phrase({lang: sep[lang].join(d.in_(lang) for d in doubts) for lang in LANGUAGES})
+
+
+def _single_sender(mail: ParsedMail) -> Phrase | None:
     """Why the mail has no single accountable sender; None when it has one."""
     senders = mail.addresses("from") or ([mail.from_addr] if mail.from_addr else [])
     if len(senders) != 1:
-        return "the mail names more than one sender (From)"
+        return Phrase(DOUBTS["several_senders"])
     agents = [a for a in mail.addresses("sender") if a != senders[0]]
     if agents:
-        return f"sent on the sender's behalf by {agents[0]} (Sender)"
+        return Phrase(DOUBTS["on_behalf"], agent=agents[0])
     return None
 
 
@@ -414,17 +437,17 @@ def prove(
     doubt = _single_sender(mail)
     if doubt:
         return None, doubt
-    why: list[str] = []
+    why: list[Phrase] = []
     if mode in ("token", "token_or_dmarc"):
         if _token_proof(session, desk, ticket, mail):
             return "token", ""
-        why.append("it answers no mail the desk sent to this address about this ticket")
+        why.append(Phrase(DOUBTS["no_token"]))
     if mode in ("dmarc", "token_or_dmarc") and desk.settings.security.trusted_authserv_id:
         passed, verdict = mta_verdict(desk, mail, mail.from_addr)
         if passed:
             return "dmarc", ""
-        why.append(verdict)
-    return None, "; ".join(why)
+        why.append(Phrase(DOUBTS["mta"], verdict=verdict))
+    return None, _joined(why) if why else ""
 
 
 def identify(session: Session, desk: Desk, ticket: Ticket, mail: ParsedMail) -> Sender:

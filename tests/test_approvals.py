@@ -253,7 +253,7 @@ def test_a_greeting_before_the_decision_and_a_signature_after_it(desk, mailbox, 
     run_once(desk, clock)
     assert cli_json(desk, capsys, "show", "REQ-2")["status"] == "pending_approval"
     assert [e["detail"] for e in refusals(desk, capsys, "REQ-2")] == [
-        f"reject: {approvals.REASONS['reason_required']}"
+        f"reject: {approvals.reason('reason_required')}"
     ]
     mailbox.append(
         answer(approval, APPROVER, "Hi,\nreject: no budget this year\n\nBest regards,\nLi Si")

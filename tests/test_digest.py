@@ -122,10 +122,10 @@ def test_manager_digest_figures(built):
     assert "已解决 1，重开 1，升级 1 次，转问题管理 0" in text
     # Due yesterday: INC-1 (10:00), INC-4 (15:00), INC-7 (20:00) — none resolved.
     assert "到期事件 3，按时解决 0，超时 3" in text
-    assert "Target achievement rate yesterday: 0.0%" in text
+    assert "目标事件达成率（昨日）：0.0%" in text
     # Month to date adds INC-8, due Nov 11 and resolved the day before.
-    assert "month to date: 25.0%（到期 4，按时 1）" in text
-    assert "当前未解决事件 / Open incidents: 6（已超时 3，即将超时 1）" in text
+    assert "至 2026-11-23）：25.0%（到期 4，按时 1）" in text
+    assert "当前未解决事件：6（已超时 3，即将超时 1）" in text
     table = _lines(text, "当前未解决事件")
     assert table[1].split() == ["L1", "0", "0", "3", "1", "4"]
     assert table[2].split() == ["L3", "1", "0", "1", "0", "2"]
@@ -136,7 +136,7 @@ def test_manager_digest_figures(built):
     assert _refs(_lines(text, "昨日重开")) == ["INC-4"]
     assert _refs(_lines(text, "昨日新事件")) == ["INC-3", "INC-5", "INC-6", "INC-7"]
     resolved = _lines(text, "昨日解决")
-    assert _refs(resolved) == ["INC-3"] and "已于 2026-11-23 11:00 解决（按时" in resolved[0]
+    assert _refs(resolved) == ["INC-3"] and "已于 2026-11-23 11:00 CST 解决（按时" in resolved[0]
     assert built["lead@example.test"].text.replace("lead@", "im@") == text
 
 
@@ -158,7 +158,7 @@ def test_long_lists_show_the_oldest_rows_and_count_all(tmp_path, monkeypatch):
     assert "……另有 2 件未列出 / and 2 more not listed" in queue
     manager = items["im@example.test"].text
     new = _lines(manager, "昨日新事件")
-    assert "昨日新事件 / New yesterday（4）：" in manager
+    assert "昨日新事件（4）：" in manager
     assert _refs(new) == ["INC-3", "INC-5"] and new[-1] == "……另有 2 件"
     assert _refs(_lines(manager, "重大事件")) == ["INC-7"]  # a short list: no "more" line
     assert "另有" not in "\n".join(_lines(manager, "重大事件"))
@@ -177,7 +177,7 @@ def test_reading_a_few_incidents_at_a_time_gives_the_same_digests(tmp_path, monk
         chunked = {i.recipient: i for i in digest.run_digests(desk, NOW, dry_run=True)}
     finally:
         desk.close()
-    assert "当前未解决事件 / Open incidents: 8" in whole["im@example.test"].text
+    assert "当前未解决事件：8" in whole["im@example.test"].text
     assert {r: (i.subject, i.text) for r, i in chunked.items()} == {
         r: (i.subject, i.text) for r, i in whole.items()
     }

@@ -131,7 +131,7 @@ def test_desktop_incident_escalates_l1_l2_l3_then_im(desk, mailbox, smtp, clock,
            "升级\n需要现场处理，请二线支持上门。")
     assert show(desk, capsys)["tier"] == "L2"
     to_l2 = last_to(smtp, "l2@example.test")
-    assert "升级至 L2" in str(parsed(to_l2)["Subject"])
+    assert "升级至 二线 桌面支持" in str(parsed(to_l2)["Subject"])
     assert "需要现场处理" in body_of(to_l2)
     assert not sent_to(smtp, "l3@example.test")
 
@@ -147,12 +147,12 @@ def test_desktop_incident_escalates_l1_l2_l3_then_im(desk, mailbox, smtp, clock,
     answer(desk, mailbox, clock, to_l3, "l3@example.test", "升级")
     ticket = show(desk, capsys)
     assert ticket["tier"] == "IM"
-    assert "升级至 IM" in str(parsed(last_to(smtp, "im@example.test"))["Subject"])
+    assert "升级至 事件经理" in str(parsed(last_to(smtp, "im@example.test"))["Subject"])
 
     # At the top the incident manager is told to use `problem` instead.
     answer(desk, mailbox, clock, last_to(smtp, "im@example.test"), "im@example.test", "升级")
     refused = body_of(last_to(smtp, "im@example.test"))
-    assert "problem" in refused and "最高处理层级" in refused
+    assert "转问题" in refused and "最高处理层级" in refused
     ticket = show(desk, capsys)
     escalations = [e["detail"] for e in ticket["events"] if e["action"] == "escalated"]
     assert escalations == ["L1 → L2: 需要现场处理，请二线支持上门。", "L2 → L3: motherboard\nfault",
@@ -215,9 +215,9 @@ def test_unauthorised_resolve_is_refused_with_why_and_what_is_allowed(desk, mail
     assert ticket["status"] == "open" and ticket["solution"] is None
     refusal = last_to(smtp, "desk1@example.test")
     text = body_of(refusal)
-    assert "未执行" in text and "resolve" in text
+    assert "未执行" in text and "已解决" in text
     assert "当前处理组" in text and "事件经理" in text, "says who may"
-    assert "comment, note" in text, "says what the sender may do instead"
+    assert "留言、内部:" in text, "says what the sender may do instead"
     assert "重装了系统" not in "".join(body_of(m) for m in sent_to(smtp, USER)), (
         "a refused resolution never reaches the requester"
     )
@@ -231,11 +231,11 @@ def test_requester_command_refused_but_the_text_reaches_the_team(desk, mailbox, 
     answer(desk, mailbox, clock, last_to(smtp, USER), USER, "升级\n领导明天要用，请尽快！")
     assert show(desk, capsys)["tier"] == "L1"
     refusal = body_of(last_to(smtp, USER))
-    assert "comment" in refusal and "已作为留言转给处理人员" in refusal
+    assert "留言" in refusal and "已作为留言转给处理人员" in refusal
     assert "领导明天要用" in body_of(last_to(smtp, "desk1@example.test"))
     # A command that does not apply in this status.
     answer(desk, mailbox, clock, last_to(smtp, USER), USER, "确认")
-    assert "当前状态为 open" in body_of(last_to(smtp, USER))
+    assert "当前状态为 处理中" in body_of(last_to(smtp, USER))
     assert show(desk, capsys)["status"] == "open"
 
 

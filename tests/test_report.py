@@ -319,7 +319,7 @@ def test_monthly_report_mail_html_and_csv_parse_back_to_the_same_numbers(tmp_pat
     assert msg["Auto-Submitted"] == "auto-generated"
     assert msg.get_content_type() == "multipart/mixed"
     # Plain-text part with the same headline numbers.
-    assert "目标事件达成率 / Target achievement rate: 50.0%" in text
+    assert "目标事件达成率：50.0%" in text
     assert "到期事件 6，按时解决 3，超时 3" in text
     # Charts inline: every <img> points at a PNG part of the mail.
     cells = _Cells()

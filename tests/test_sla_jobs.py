@@ -131,7 +131,7 @@ def test_breach_escalates_to_the_next_tier_and_tells_the_incident_manager_once(
     assert len(to_l2) == 1 and "自动升级" in body_of(to_l2[0])
     to_im = sent_to(smtp, "im@example.test")
     assert len(to_im) == 1 and "SLA 超时" in str(parsed(to_im[0])["Subject"])
-    assert "L1 自动升级至 L2" in body_of(to_im[0])
+    assert "一线 服务台 自动升级至 二线 桌面支持" in body_of(to_im[0])
 
     clock.advance(hours=5)
     assert scan(desk, clock).breached == []
