@@ -151,7 +151,7 @@ def test_cc_and_uncc_by_mail(desk, mailbox, smtp, clock, capsys, opened):
     step(desk, mailbox, clock, reply(opened["ack"], USER, f"抄送 科长 <{BOSS}>"))
     assert show(desk, capsys)["watchers"] == [BOSS, CHIEF]
     [added] = sent_to(smtp, BOSS)
-    assert "[INC-1]" in str(parsed(added)["Subject"]) and "uncc" in body_of(added)
+    assert "[INC-1]" in str(parsed(added)["Subject"]) and "取消抄送" in body_of(added)
     step(desk, mailbox, clock, reply(opened["l1"], DESK1, f"cc {OTHER}"))
     assert show(desk, capsys)["watchers"] == [BOSS, CHIEF, OTHER]
     step(desk, mailbox, clock, reply(added, BOSS, f"uncc {BOSS}"))  # a watcher, themself
