@@ -26,6 +26,7 @@ from sqlalchemy import insert
 from sqlalchemy.orm import Session
 
 from mailflow import senders, tracking
+from mailflow.attachments import listing
 from mailflow.models import Outbox, Ticket
 
 if TYPE_CHECKING:
@@ -183,6 +184,7 @@ def queue(
     """
     if in_reply_to is None and ticket is not None and ticket.id is not None:
         in_reply_to = tracking.opener_id(session, ticket.id)  # one thread per ticket
+    context["attachments"] = listing(session, ticket.id if ticket else None)  # named in notices
     rendered = desk.renderer.render(template, ticket=ticket, desk=desk.settings.desk, **context)
     subject = clean_header(rendered.subject)
     if ticket is not None and tracking.tag(ticket) not in subject:
