@@ -25,8 +25,7 @@ if TYPE_CHECKING:
     from mailflow.mail import Attachment, ParsedMail
 
 NAME_LIMIT = 200
-_UNSAFE = re.compile(r"[\x00-\x1f\x7f/\\:*?\"<>|]+")  # path separators, controls, Windows'
-_UNITS = ((1024 * 1024, "MB"), (1024, "KB"))
+_UNSAFE = re.compile(r"[\x00-\x1f\x7f:*?\"<>|]+")  # controls, and what Windows reserves
 
 
 @dataclass(frozen=True)
@@ -49,12 +48,13 @@ class Listed:
 
 
 def human_size(size: int) -> str:
-    """1.5 MB, 120 KB, 312 bytes."""
-    for unit, name in _UNITS:
-        if size >= unit:
-            value = size / unit
-            return f"{value:.1f} {name}" if value < 10 else f"{value:.0f} {name}"
-    return f"{size} bytes"
+    """312 bytes, 120 KB, 1.5 MB, 29 MB."""
+    if size < 1024:
+        return f"{size} bytes"
+    if size < 1024 * 1024:
+        return f"{size / 1024:.0f} KB"
+    mb = size / (1024 * 1024)
+    return f"{mb:.1f} MB" if mb < 10 else f"{mb:.0f} MB"
 
 
 def _name(att: Attachment, number: int) -> str:
@@ -144,8 +144,10 @@ def as_json(items: list[Listed]) -> list[dict[str, object]]:
 
 
 def safe_name(name: str) -> str:
-    """A file name that stays in its directory: no separators, no control characters."""
-    cleaned = _UNSAFE.sub("_", name).strip(" .")
+    """A file name that stays in its directory: its last path component, without control
+    or reserved characters (`../../etc/passwd` is saved as `passwd`)."""
+    base = re.split(r"[/\\]", name)[-1]
+    cleaned = _UNSAFE.sub("_", base).strip(" .")
     return cleaned[:NAME_LIMIT] or "attachment"
 
 
