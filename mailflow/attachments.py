@@ -16,7 +16,8 @@ from datetime import datetime
 from pathlib import Path
 from typing import TYPE_CHECKING
 
-from sqlalchemy import insert, select
+from sqlalchemy import event, insert, select
+from sqlalchemy.dialects import postgresql, sqlite
 from sqlalchemy.orm import Session
 
 from mailflow.models import Blob, Inbound, TicketAttachment
@@ -25,6 +26,10 @@ if TYPE_CHECKING:
     from mailflow.mail import Attachment, ParsedMail
 
 NAME_LIMIT = 200
+# A blob another process stored meanwhile (the same screenshot in two mails at once) is
+# the same bytes: its insert is let go, not an error that fails the mail.
+_INSERT_NEW = {"postgresql": postgresql.insert, "sqlite": sqlite.insert}
+_CACHE = "mailflow.attachments"  # session.info: ticket id -> its listing, for one transaction
 _UNSAFE = re.compile(r"[\x00-\x1f\x7f:*?\"<>|]+")  # controls, and what Windows reserves
 
 
@@ -81,8 +86,10 @@ def store(session: Session, ticket_id: int, inbound: Inbound, mail: ParsedMail,
         if digest not in known:
             new_blobs.setdefault(digest, att.data or b"")
     if new_blobs:
+        dialect = session.get_bind().dialect.name
+        statement = _INSERT_NEW[dialect](Blob).on_conflict_do_nothing(index_elements=["hash"])
         session.execute(
-            insert(Blob), [{"hash": h, "size": len(d), "data": d} for h, d in new_blobs.items()]
+            statement, [{"hash": h, "size": len(d), "data": d} for h, d in new_blobs.items()]
         )
     rows = [
         {
@@ -93,13 +100,28 @@ def store(session: Session, ticket_id: int, inbound: Inbound, mail: ParsedMail,
         for n, (digest, att) in enumerate(zip(hashes, kept, strict=True), 1)
     ]
     session.execute(insert(TicketAttachment), rows)
+    _cached(session).pop(ticket_id, None)
     return len(rows)
+
+
+def _cached(session: Session) -> dict[int, list[Listed]]:
+    return session.info.setdefault(_CACHE, {})
+
+
+@event.listens_for(Session, "after_transaction_end")
+def _forget(session: Session, _transaction: object) -> None:
+    """A listing is kept for the transaction that read it (every notice of one mail names
+    the same files, read once), never past it."""
+    session.info.pop(_CACHE, None)
 
 
 def listing(session: Session, ticket_id: int | None) -> list[Listed]:
     """The ticket's attachments in the order they came."""
     if ticket_id is None:
         return []
+    cache = _cached(session)
+    if ticket_id in cache:
+        return cache[ticket_id]
     rows = session.execute(
         select(
             TicketAttachment.id, TicketAttachment.inbound_id, TicketAttachment.filename,
@@ -108,7 +130,8 @@ def listing(session: Session, ticket_id: int | None) -> list[Listed]:
         .where(TicketAttachment.ticket_id == ticket_id)
         .order_by(TicketAttachment.id)
     )
-    return [Listed(*row) for row in rows]
+    cache[ticket_id] = [Listed(*row) for row in rows]
+    return cache[ticket_id]
 
 
 def forwardable(
