@@ -169,3 +169,14 @@ def test_an_inline_image_of_html_only_mail_reaches_l1(desk, mailbox, smtp, clock
     assert [(a["content_type"], a["size"]) for a in data["attachments"]] == [
         ("image/png", len(SCREENSHOT))
     ]
+
+
+def test_a_major_incident_alert_carries_the_screenshot_to_l2(desk, mailbox, smtp, clock):
+    raw = make_mail(REQUESTER, "营销系统瘫痪", "营销系统宕机，所有人都无法登录。", name="张三")
+    mailbox.append(with_files(raw, ("报错.png", "image/png", SCREENSHOT)))
+    run_once(desk, clock)
+
+    alert = sent_to(smtp, "l2@example.test")[0].content
+    assert "重大事件" in str(parsed(alert)["Subject"])
+    assert files_of(alert) == {"报错.png": SCREENSHOT}
+    assert "报错.png (5 KB)" in body_of(alert)
