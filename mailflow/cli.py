@@ -20,8 +20,9 @@ from typing import Any
 
 from sqlalchemy import func, select
 from sqlalchemy.exc import DBAPIError, OperationalError
+from sqlalchemy.orm import Session
 
-from mailflow import __version__, leases, tracking
+from mailflow import __version__, attachments, leases, tracking
 from mailflow.config import load_config, read_config, resolve_config_path
 from mailflow.errors import MailflowError, TemporaryFailure
 from mailflow.models import Inbound, MailboxState, Outbox, Ticket, utcnow
@@ -306,6 +307,19 @@ def _when(desk: Any, iso: str | None) -> str:
     return desk.renderer.local(datetime.fromisoformat(iso.replace("Z", "+00:00")))
 
 
+def _save_attachments(session: Session, ticket: Ticket, directory: Path) -> int:
+    """`show REF --save-attachments DIR`: write the ticket's files, never over another."""
+    try:
+        written = attachments.save(session, ticket.id, directory)
+    except OSError as exc:
+        print(f"mailflow: cannot save into {directory}: {exc.strerror or exc}", file=sys.stderr)
+        return 1
+    for path in written:
+        print(path)
+    print(f"{len(written)} attachment(s) of {ticket.ref} written to {directory}")
+    return 0
+
+
 def cmd_show(args: argparse.Namespace) -> int:
     desk = _desk(args)
     with desk.db.sessions() as session:
@@ -314,6 +328,8 @@ def cmd_show(args: argparse.Namespace) -> int:
             print(f"mailflow: no ticket {args.ref}", file=sys.stderr)
             return 1
         data = detail_json(session, ticket)
+        if args.save_attachments is not None:
+            return _save_attachments(session, ticket, args.save_attachments)
     if args.json:
         print(json.dumps(data, ensure_ascii=False, indent=2))
         return 0
@@ -341,6 +357,11 @@ def cmd_show(args: argparse.Namespace) -> int:
         for name, value in (data.get("form") or {}).items():
             shown = ", ".join(value) if isinstance(value, list) else str(value)
             print(f"{'form.' + name:>24}: {shown.replace(chr(10), ' / ')}")
+    if data["attachments"]:
+        print("\nattachments:")
+        for att in data["attachments"]:
+            size = attachments.human_size(att["size"])
+            print(f"  {att['filename']} ({size}, {att['content_type']})")
     print("\ninteractions:")
     for item in data["interactions"]:
         arrow = "→" if item["direction"] == "out" else "←"
@@ -486,6 +507,11 @@ def parser() -> argparse.ArgumentParser:
     show = sub.add_parser("show", help="one ticket: fields, messages, events")
     show.add_argument("ref", help="the ticket's reference, e.g. INC-42 or REQ-7")
     show.add_argument("--json", action="store_true", help=SHARED_HELP["json"])
+    show.add_argument(
+        "--save-attachments", metavar="DIR", type=Path,
+        help="write the ticket's attachments into DIR (made if missing); a name already "
+        "there gets a suffix, nothing is overwritten",
+    )
     show.set_defaults(func=cmd_show)
     people = sub.add_parser("people", help="the people directory: list, import a CSV, sync",
                             description="List the directory, or load it (by email address).")

@@ -244,6 +244,7 @@ class LimitSettings:
     max_message_bytes: int = 25_000_000
     max_attachment_bytes: int = 10_000_000
     max_attachments: int = 20
+    forward_attachment_bytes: int = 10_000_000  # attached to the owning tier's notice, in all
     # Safety nets, counted by when each mail was written (its Date, clipped to arrival).
     auto_replies_per_sender_per_hour: int = 20
     auto_replies_per_sender_per_day: int = 40
@@ -872,6 +873,7 @@ def read_config(path: Path) -> tuple[Settings | None, list[Problem]]:
         max_message_bytes=r.get("limits", "max_message_bytes", int, 25_000_000),
         max_attachment_bytes=r.get("limits", "max_attachment_bytes", int, 10_000_000),
         max_attachments=r.get("limits", "max_attachments", int, 20),
+        forward_attachment_bytes=r.get("limits", "forward_attachment_bytes", int, 10_000_000),
         auto_replies_per_sender_per_hour=r.get(
             "limits", "auto_replies_per_sender_per_hour", int, 20
         ),

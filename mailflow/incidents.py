@@ -24,6 +24,7 @@ from sqlalchemy import bindparam, select, update
 from sqlalchemy.orm import Session
 
 from mailflow import commands, lifecycle, notify, parties, refusals, sla
+from mailflow.attachments import forwardable
 from mailflow.commands import Command
 from mailflow.models import Event, Inbound, Ticket
 from mailflow.render import Phrase
@@ -100,7 +101,7 @@ def on_new(
         ]
         notify.queue(
             session, desk, "major_incident", alerted, now, ticket=ticket,
-            in_reply_to=mail.message_id,
+            in_reply_to=mail.message_id, **_forwarded(session, desk, ticket, inbound),
         )
         record(session, ticket, "major_alert", SYSTEM, now, ", ".join(dict.fromkeys(alerted)))
         return
@@ -112,8 +113,17 @@ def on_new(
     team = [*roles.service_desk, *roles.tier_members(ticket.tier)]
     notify.queue(
         session, desk, "new_incident", team, now, ticket=ticket, similar=similar,
-        in_reply_to=mail.message_id,
+        in_reply_to=mail.message_id, **_forwarded(session, desk, ticket, inbound),
     )
+
+
+def _forwarded(session: Session, desk: Desk, ticket: Ticket, inbound: Inbound) -> dict[str, Any]:
+    """The requester's files for the owning tier's notice, up to `forward_attachment_bytes`
+    in all; the rest are named in it (`not_attached`) with their sizes."""
+    files, rest = forwardable(
+        session, ticket.id, inbound.id, desk.settings.limits.forward_attachment_bytes
+    )
+    return {"attachments": files, "not_attached": rest}
 
 
 def desk_similar(session: Session, desk: Desk, ticket: Ticket) -> list[Ticket]:

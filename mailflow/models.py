@@ -347,5 +347,31 @@ class Alert(Base):
     detail: Mapped[str] = mapped_column(Text, default="")
 
 
+class Blob(Base):
+    """The bytes of an attachment, stored once however many mails carry them."""
+
+    __tablename__ = "blobs"
+
+    hash: Mapped[str] = mapped_column(String(64), primary_key=True)  # SHA-256, hex
+    size: Mapped[int] = mapped_column(Integer)
+    data: Mapped[bytes] = mapped_column(LargeBinary)
+
+
+class TicketAttachment(Base):
+    """A file a mail on a ticket carried (an inline image of HTML mail too), by its blob."""
+
+    __tablename__ = "attachments"
+
+    id: Mapped[int] = mapped_column(Integer, primary_key=True)
+    ticket_id: Mapped[int] = mapped_column(ForeignKey("tickets.id"), index=True)
+    inbound_id: Mapped[int | None] = mapped_column(ForeignKey("inbound.id"), index=True)
+    blob_hash: Mapped[str] = mapped_column(ForeignKey("blobs.hash"))
+    filename: Mapped[str] = mapped_column(String(300))
+    content_type: Mapped[str] = mapped_column(String(200))
+    size: Mapped[int] = mapped_column(Integer)
+    inline: Mapped[bool] = mapped_column(Boolean, default=False)  # no name of its own
+    created_at: Mapped[datetime] = mapped_column(UTCDateTime)
+
+
 def utcnow() -> datetime:
     return datetime.now(UTC)

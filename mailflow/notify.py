@@ -27,6 +27,7 @@ from sqlalchemy import insert
 from sqlalchemy.orm import Session
 
 from mailflow import senders, tracking
+from mailflow.attachments import listing
 from mailflow.models import Outbox, Ticket
 from mailflow.render import REPLY_PLACEHOLDER
 
@@ -213,6 +214,7 @@ def queue(
     """
     if in_reply_to is None and ticket is not None and ticket.id is not None:
         in_reply_to = tracking.opener_id(session, ticket.id)  # one thread per ticket
+    context["attachments"] = listing(session, ticket.id if ticket else None)  # named in notices
     rendered = desk.renderer.render(
         template, ticket=ticket, desk=desk.settings.desk, rules=desk.rules, **context
     )

@@ -29,6 +29,7 @@ from sqlalchemy.orm import Session, defer
 
 from mailflow import (
     approvals,
+    attachments,
     bounces,
     commands,
     exporter,
@@ -222,6 +223,7 @@ def _route(
         refusals.stranger(session, desk, ticket, mail, inbound.id, now)
         return Outcome("processed", f"{who.address} is not on {ticket.ref}", ticket)
     tracking.remember(session, ticket, mail.message_id)
+    attachments.store(session, ticket.id, inbound, mail, now)
     process.on_reply(session, desk, ticket, mail, inbound, now, who)
     return Outcome("processed", None, ticket)
 

@@ -12,7 +12,7 @@ from sqlalchemy.exc import SQLAlchemyError
 from sqlalchemy.orm import Session
 from sqlalchemy.orm.attributes import set_committed_value
 
-from mailflow import lifecycle, senders, tracking
+from mailflow import attachments, lifecycle, senders, tracking
 from mailflow.models import Counter, Event, Inbound, Outbox, Party, Person, Ticket
 from mailflow.rules import Classification
 
@@ -135,6 +135,7 @@ def open_ticket(
     set_committed_value(ticket, "requester_person", person)  # the notices read no row again
     inbound.ticket_id = ticket.id
     tracking.remember(session, ticket, mail.message_id)
+    attachments.store(session, ticket.id, inbound, mail, now)
     remember_person(session, mail.from_addr, mail.from_name, now)
     add_watchers(session, desk, ticket, mail.cc, mail.from_addr, now)
     record(
@@ -392,6 +393,7 @@ def detail_json(session: Session, ticket: Ticket) -> dict[str, Any]:
     data["watchers"] = sorted(a for a, roles in people.items() if "watcher" in roles)
     data["vendor"] = next((a for a, roles in sorted(people.items()) if "vendor" in roles), None)
     data["requester_details"] = requester_details(ticket.requester_person)
+    data["attachments"] = attachments.as_json(attachments.listing(session, ticket.id))
     data["interactions"] = [item[3] for item in interactions]
     data["events"] = [
         {"at": _iso(e.at), "action": e.action, "actor": e.actor, "detail": e.detail}
