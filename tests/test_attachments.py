@@ -93,7 +93,7 @@ def test_files_over_the_forwarding_limit_are_listed_with_sizes_not_attached(
     notice = sent_to(smtp, "desk1@example.test")[0].content
     assert files_of(notice) == {"a.png": SCREENSHOT}
     text = body_of(notice)
-    assert "a.png (5 KB)\n" in text
+    assert "a.png (5 KB); " in text, "attached: no note after it"
     assert "trace.bin (3 KB)，超出转发上限" in text
 
 
