@@ -75,6 +75,19 @@ def body(text: Callable[[int], str], html: bool = False) -> Callable[[int], byte
     return build
 
 
+def mime(head: Callable[[int], str], parts: Callable[[int], str]) -> Callable[[int], bytes]:
+    """A mail with the Content-Type head(n) and the MIME body parts(n)."""
+    def build(n: int) -> bytes:
+        top = BODY_HEAD.split("Content-Type:")[0]
+        return f"{top}Content-Type: {head(n)}\r\n\r\n{parts(n)}".encode()
+    return build
+
+
+def _parts(n: int) -> str:
+    one = "--B\r\nContent-Type: text/plain; charset=utf-8\r\n\r\npart\r\n"
+    return _repeat(one, n) + "--B--\r\n"
+
+
 def _refs(n: int) -> str:
     return "".join(f"\r\n <r{i}.{i * 7}@mail.example.test>" for i in range(n // 32))
 
@@ -96,6 +109,12 @@ CASES: dict[str, Callable[[int], bytes]] = {
     "Subject: Re + spaces": header("Subject", lambda n: " Re" + " " * n + "x"),
     "References": header("References", _refs),
     "In-Reply-To": header("In-Reply-To", _refs),
+    "header lines: many": lambda n: (HEAD + _repeat("X-Note: b\r\n", n) + "\r\nhi\r\n").encode(),
+    "Content-Type: many parameters": mime(
+        lambda n: "text/plain; charset=utf-8" + _repeat('; a="b"', n), lambda n: "hi\r\n"),
+    "Content-Type: quoted ;": mime(
+        lambda n: 'text/plain; charset=utf-8; x="' + _repeat("; ", n) + '"', lambda n: "hi\r\n"),
+    "MIME: many parts": mime(lambda n: 'multipart/mixed; boundary="B"', _parts),
     "body: quote-marker line ---": body(lambda n: "-" * n),
     "body: quote-marker line ___": body(lambda n: "_" * n),
     "body: From + spaces": body(lambda n: "From" + " " * n),
@@ -114,6 +133,9 @@ CASES: dict[str, Callable[[int], bytes]] = {
     "body: form fields repeated": body(lambda n: _repeat("原因: x\n", n)),
     "body: form refs": body(lambda n: "关联事件: " + _repeat("INC-1 ", n)),
     "body: HTML <br>": body(lambda n: _repeat("<br>", n), html=True),
+    "body: HTML nested <blockquote>": body(lambda n: _repeat("<blockquote>", n) + "x", html=True),
+    "body: HTML table rows": body(
+        lambda n: "<table>" + _repeat("<tr><td>a</td><td>b</td></tr>", n) + "</table>", html=True),
 }
 
 
