@@ -12,11 +12,13 @@ touches the database:
 
 The cost printed is the time the grown part adds, per KB: (t(size) - t(base)) / KB, with
 t(base) the same mail with that part empty, each the best of several rounds. Linear code
-gives the same figure at every size; the floor is a max/min ratio within 2x (fixed costs
-and caches make small sizes a little noisy). The body cases are parsed with
-max_text_chars above 1 MB, so the whole body reaches quote stripping, not the first
-200,000 characters a desk keeps by default. A size that takes over --budget seconds is
-stopped and the larger ones are not run ("> budget": quadratic code would take hours).
+gives the same figure at every size: the floor is max/min within 2x ("flat"). A case whose
+cost per KB only falls ("falls") does bounded work past some size (rules read the first
+5,000 characters of a body; a name is cut to its limit); "GROWS" is superlinear time.
+The body cases are parsed with max_text_chars above 1 MB, so the whole body reaches quote
+stripping, not the first 200,000 characters a desk keeps by default. A size that takes over
+--budget seconds is stopped and the larger ones are not run ("> budget": quadratic code
+would take hours).
 
     python benchmarks/linear.py [--stages] [--only NAME] [--budget 5]
 """
