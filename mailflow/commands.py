@@ -79,8 +79,12 @@ _CONTACT = re.compile(
     re.IGNORECASE,
 )
 _SENTENCE_END = re.compile(r"[。？！?!]")
+# An address in an `assign` argument; the look-behind makes each run of address characters
+# one attempt (else a 40,000-letter word is scanned again from each of its letters).
+_ADDRESS = re.compile(r"(?<![^\s<>@:：,，])[^\s<>@:：,，]+@[^\s<>@,，]+")
 SIGNATURE_LINES = 6  # at most this many lines, each of at most SIGNATURE_WIDTH characters
 SIGNATURE_WIDTH = 40
+GREETING_WIDTH = 80  # a longer line is no greeting (and is not matched against one)
 
 
 @dataclass(frozen=True)
@@ -128,7 +132,7 @@ def _signature_at(lines: list[str], signer: str) -> int | None:
     number or an address is one too.
     """
     names = _names(signer)
-    for i in range(1, len(lines)):
+    for i in range(max(1, len(lines) - SIGNATURE_LINES), len(lines)):  # what follows is short
         line = _normalise(lines[i])
         starts = line == "--" or _key(line) in names or _CLOSING.fullmatch(line) is not None
         if starts and _short(lines[i:]):
@@ -148,12 +152,20 @@ def _signature_at(lines: list[str], signer: str) -> int | None:
     return None
 
 
+def _greeting(line: str) -> bool:
+    """Whether a line is blank or only greets."""
+    line = _normalise(line)
+    return not line or (len(line) <= GREETING_WIDTH and _GREETING.fullmatch(line) is not None)
+
+
 def essential_lines(text: str, signer: str = "") -> list[str]:
     """The lines of a reply's new text without the greeting before it and the signature
     after it (blank lines at either end dropped too)."""
     lines = text.strip().splitlines()
-    while len(lines) > 1 and (not lines[0].strip() or _GREETING.fullmatch(_normalise(lines[0]))):
-        lines = lines[1:]
+    start = 0
+    while start < len(lines) - 1 and _greeting(lines[start]):
+        start += 1
+    lines = lines[start:]
     end = _signature_at(lines, signer)
     if end is not None:
         lines = lines[:end]
@@ -195,7 +207,7 @@ def parse(new_text: str, signer: str = "") -> Command:
             match = re.search(r"\bP?([1-4])\b", argument, re.IGNORECASE)
             argument = f"P{match.group(1)}" if match else ""
         elif action == "assign":
-            match = re.search(r"[^\s<>@:：,，]+@[^\s<>@,，]+", argument)
+            match = _ADDRESS.search(argument)
             argument = match.group(0).lower().rstrip(".。") if match else ""
         elif action in (
             "reject", "note", "resolve", "pending", "reopen", "done", "problem", "escalate"

@@ -102,10 +102,12 @@ TYPE_WORDS: dict[str, str] = {
 }
 
 # `key: value`, behind an optional list marker; a table pasted from Word arrives as
-# `key| value` or `key：| value` (cells joined by `|`, see mail.html_to_text).
+# `key| value` or `key：| value` (cells joined by `|`, see mail.html_to_text). Matched
+# against the line without its outer spaces and bars (see _cells); every run of spaces is
+# taken whole (`\s*+`), as no two parts may backtrack over the same run.
 _LINE = re.compile(
-    r"^\s*\|?\s*(?:[-*•·]\s*|\d{1,2}[.)、]\s*|[（(]\d{1,2}[)）]\s*)?"
-    r"(?P<key>[^:：|\n]{1,24}?)\s*(?:[:：]\s*\|?|\|)\s*(?P<value>.*?)\s*\|?\s*$"
+    r"(?:[-*•·]\s*+|\d{1,2}[.)、]\s*+|[（(]\d{1,2}[)）]\s*+)?"
+    r"(?P<key>[^:：|\n]{1,24}?)\s*+(?:[:：]\s*+\|?|\|)\s*+(?P<value>.*)"
 )
 REF = re.compile(r"\b(INC|REQ|CHG|IR)\s*-\s*(\d{1,9})\b", re.IGNORECASE)
 
@@ -130,10 +132,20 @@ def refs_in(text: str) -> list[str]:
     return list(dict.fromkeys(found))
 
 
+def _cells(line: str) -> str:
+    """A line without its outer spaces and one table bar at either end."""
+    line = line.strip()
+    if line.startswith("|"):
+        line = line[1:].lstrip()
+    if line.endswith("|"):
+        line = line[:-1].rstrip()
+    return line
+
+
 def _field(line: str) -> tuple[str, str] | None:
     """(field name, value) of a form line; the value as written (full-width kept)."""
     for candidate in (line, unicodedata.normalize("NFKC", line)):  # e.g. "１．申请类型"
-        match = _LINE.match(candidate)
+        match = _LINE.match(_cells(candidate))
         name = _key(match.group("key")) if match else None
         if match is not None and name is not None:
             return name, match.group("value").strip()
@@ -147,31 +159,40 @@ def parse(text: str, fallback: str = "") -> Form:
     (mail clients wrap long lines). Fields found only in `fallback` (the mail a request
     was forwarded from) fill the gaps.
     """
-    form = Form()
+    values: dict[str, list[list[str]]] = {}  # each field's values, each value its lines
+    links: dict[str, None] = {}
     prose: list[str] = []
-    wrapping = False  # the lines that follow belong to the reason just read
+    wrapping: list[str] | None = None  # the lines of the reason just read, which go on
     for line in (text or "").splitlines():
         found = _field(line)
         if found is None:
-            if wrapping and line.strip():
-                form.fields["reason"] += "\n" + line.strip()
+            if wrapping is not None and line.strip():
+                wrapping.append(line.strip())
             else:
-                wrapping = False
+                wrapping = None
                 prose.append(line)
             continue
         name, value = found
-        wrapping = name == "reason" and bool(value)
+        wrapping = None
         if not value:
             continue
         if name == "related":
-            form.links.extend(r for r in refs_in(value) if r not in form.links)
-        form.fields[name] = value if name not in form.fields else form.fields[name] + "; " + value
-    form.prose = "\n".join(prose).strip()
+            links.update(dict.fromkeys(refs_in(value)))
+        lines = [value]
+        values.setdefault(name, []).append(lines)
+        if name == "reason":
+            wrapping = lines
+    form = Form(
+        fields={name: "; ".join("\n".join(v) for v in vs) for name, vs in values.items()},
+        links=list(links),
+        prose="\n".join(prose).strip(),
+    )
     if fallback and fallback != text:
         earlier = parse(fallback)
         for name, value in earlier.fields.items():
             form.fields.setdefault(name, value)
-        form.links.extend(r for r in earlier.links if r not in form.links)
+        links.update(dict.fromkeys(earlier.links))
+        form.links = list(links)
     return form
 
 
@@ -188,8 +209,9 @@ def merge(current: Mapping[str, Any] | None, form: Form) -> dict[str, Any]:
     """The stored form with newly given fields added or replaced, links accumulated."""
     merged = dict(current or {})
     merged.update(form.fields)
-    links = list(merged.get("links") or [])
-    merged["links"] = links + [r for r in form.links if r not in links]
+    links = dict.fromkeys(merged.get("links") or [])
+    links.update(dict.fromkeys(form.links))
+    merged["links"] = list(links)
     return merged
 
 

@@ -96,7 +96,12 @@ class ParsedMail:
 # --------------------------------------------------------------------------- charsets
 
 MESSAGE_ID_LIMIT = 490  # characters kept of a Message-ID (the columns hold 500)
-NAME_LIMIT = 300  # characters kept of a display name (the columns hold 300)
+NAME_LIMIT = 200  # characters kept of the sender's display name
+SUBJECT_LIMIT = 1000  # characters kept of the subject (it is copied into every notice)
+REFERENCES_LIMIT = 100  # the last References kept (RFC 5322 §3.6.4 allows trimming)
+IN_REPLY_TO_LIMIT = 10  # the last In-Reply-To ids kept (one is usual)
+ADDRESS_LIMIT = 100  # the first addresses kept of To, Cc and Reply-To each
+DEFECTS_LIMIT = 50  # defects recorded per mail
 
 _CHARSET_ALIASES = {
     "gb2312": "gb18030",
@@ -191,7 +196,7 @@ def decode_bytes(data: bytes, charset: str | None = None,
     if data.startswith(codecs.BOM_UTF8):  # a signature, not text: the data is UTF-8
         data, charset = data[len(codecs.BOM_UTF8) :], "utf-8"
     codec = _codec_for(charset) if charset else None
-    if charset and codec is None and defects is not None:
+    if charset and codec is None and defects is not None and len(defects) < DEFECTS_LIMIT:
         note = f"unknown charset {charset.strip()[:40]!r}"
         if note not in defects:
             defects.append(note)
@@ -236,6 +241,42 @@ def _fix_raw(value: str) -> str:
 
 # --------------------------------------------------------------------------- headers
 
+_PARAM_MARKS = re.compile(r'\\"|[";]')
+
+
+def _split_params(value: str) -> list[tuple[str, str]]:
+    """(name, value) of each `;`-separated part of a Content-Type or Content-Disposition
+    value, as the stdlib reads them, in linear time: a `;` inside quotes does not split.
+
+    Python 3.11's own reader copies the rest of the value at each `;` and counts the
+    quotes before it from the start: quadratic in a value of many parameters or quotes.
+    """
+    pieces: list[str] = []
+    start, quoted = 0, False
+    for m in _PARAM_MARKS.finditer(value):
+        if m.group() == '"':
+            quoted = not quoted
+        elif m.group() == ";" and not quoted:
+            pieces.append(value[start : m.start()])
+            start = m.end()
+    pieces.append(value[start:])
+    params: list[tuple[str, str]] = []
+    for piece in pieces:
+        name, eq, val = piece.partition("=")
+        params.append((name.strip().lower(), val.strip()) if eq else (piece.strip(), ""))
+    return params
+
+
+class _Message(email.message.Message):
+    """The compat32 message, its header parameters read in linear time (_split_params)."""
+
+    def _get_params_preserve(self, failobj: object, header: str) -> object:
+        value = self.get(header, None)
+        if value is None:
+            return failobj
+        return email.utils.decode_params(_split_params(str(value)))
+
+
 _EW_RE = re.compile(r"=\?([^?\s]+)\?([qQbB])\?([^?]*?)\?=")
 _FOLD_RE = re.compile(r"\r?\n(?=[ \t])|\r?\n")
 _WS_RE = re.compile(r"\s+")
@@ -264,34 +305,34 @@ def decode_header_value(value: str | None) -> str:
         if "=?" not in value:
             return _fix_raw(value)
         out: list[str] = []
-        buf = b""
+        buf = bytearray()  # consecutive encoded words of one charset, decoded together
         buf_cs: str | None = None
         pos = 0
         for m in _EW_RE.finditer(value):
             gap = value[pos:m.start()]
             if gap and not (pos > 0 and gap.isspace()):
                 if buf_cs is not None:
-                    out.append(decode_bytes(buf, buf_cs))
-                    buf, buf_cs = b"", None
+                    out.append(decode_bytes(bytes(buf), buf_cs))
+                    buf, buf_cs = bytearray(), None
                 out.append(_fix_raw(gap))
             charset = m.group(1).split("*", 1)[0]
             try:
                 chunk = _ew_bytes(m.group(2), m.group(3))
             except (binascii.Error, ValueError):
                 if buf_cs is not None:
-                    out.append(decode_bytes(buf, buf_cs))
-                    buf, buf_cs = b"", None
+                    out.append(decode_bytes(bytes(buf), buf_cs))
+                    buf, buf_cs = bytearray(), None
                 out.append(m.group(0))
                 pos = m.end()
                 continue
             if buf_cs is not None and buf_cs.lower() != charset.lower():
-                out.append(decode_bytes(buf, buf_cs))
-                buf = b""
+                out.append(decode_bytes(bytes(buf), buf_cs))
+                buf = bytearray()
             buf_cs = charset
             buf += chunk
             pos = m.end()
         if buf_cs is not None:
-            out.append(decode_bytes(buf, buf_cs))
+            out.append(decode_bytes(bytes(buf), buf_cs))
         out.append(_fix_raw(value[pos:]))
         return "".join(out)
     except Exception:  # a header must never break parsing
@@ -312,20 +353,35 @@ def _msgids(value: str | None) -> list[str]:
     return [t.strip("<>") for t in re.split(r"[\s,]+", value) if t.strip("<>") and "@" in t]
 
 
-# One plain address: `"Name" <a@b>`, `Name <a@b>`, `<a@b>` or `a@b` (others use getaddresses).
+def _last_ids(ids: list[str], limit: int) -> list[str]:
+    """The last `limit` ids, each cut as stored Message-IDs are (so that they still match)."""
+    return [i[:MESSAGE_ID_LIMIT] for i in ids[-limit:]]
+
+
+# One plain address, the value unfolded: `"Name" <a@b>`, `Name <a@b>`, `<a@b>` or `a@b`
+# (others use getaddresses). No two parts may match the same spaces: over a long run of
+# whitespace such a pattern backtracks in cubic time.
 _SIMPLE_ADDR_RE = re.compile(
-    r'\s*(?:"([^"\\]*)"\s*|([^"<>,;:()@\\\[\]]*?)\s*)?<([^<>\s,;:"()\\@]+@[A-Za-z0-9.-]+)>\s*$'
-    r'|\s*([^<>\s,;:"()\\@]+@[A-Za-z0-9.-]+)\s*$'
+    r'(?:"([^"\\]*)" ?|([^"<>,;:()@\\\[\] ]*+(?: [^"<>,;:()@\\\[\] ]++)*+) ?)?'
+    r'<([^<>\s,;:"()\\@]+@[A-Za-z0-9.-]+)>'
+    r'|([^<>\s,;:"()\\@]+@[A-Za-z0-9.-]+)'
 )
 
 
-def _addresses(values: list[str]) -> list[tuple[str, str]]:
-    """(decoded display name, bare lowercased address) pairs from address headers."""
+def _unfold(value: str) -> str:
+    """A header value on one line, every run of whitespace one space, trimmed."""
+    return _WS_RE.sub(" ", value).strip()
+
+
+def _addresses(values: list[str], limit: int | None = None) -> list[tuple[str, str]]:
+    """(decoded display name, bare lowercased address) pairs from address headers; the
+    first `limit` of them when given."""
     result: list[tuple[str, str]] = []
     if not values:
         return result
+    values = [_unfold(v) for v in values]
     if len(values) == 1:
-        m = _SIMPLE_ADDR_RE.match(values[0])
+        m = _SIMPLE_ADDR_RE.fullmatch(values[0])
         if m:
             name = m.group(1) if m.group(1) is not None else (m.group(2) or "")
             addr = _fix_raw(m.group(3) or m.group(4)).lower()  # 8-bit bytes: no surrogates
@@ -339,6 +395,8 @@ def _addresses(values: list[str]) -> list[tuple[str, str]]:
         if not addr or any(c.isspace() for c in addr):
             continue
         result.append((_WS_RE.sub(" ", decode_header_value(name)).strip(), addr))
+        if limit is not None and len(result) >= limit:
+            break
     return result
 
 
@@ -359,10 +417,11 @@ def _parse_date(value: str | None) -> datetime | None:
         return None
 
 
+# Possessive spaces (`\s*+`): no two parts may match the same run of whitespace.
 _PREFIX_RE = re.compile(
-    r"^(?:\s*(?:(?:re|fw|fwd|aw|wg|sv|vs|antw|antwort|tr|rv|res|enc|odp|pd|ynt|vb|vl|"
-    r"回复|答复|转发|回覆|答覆|轉寄|轉發|转寄)\s*(?:\[\d+\]|\(\d+\))?\s*[:：]|"
-    r"\[(?:fwd?|re)\]\s*[:：]?))+\s*",
+    r"^(?:\s*+(?:(?:re|fw|fwd|aw|wg|sv|vs|antw|antwort|tr|rv|res|enc|odp|pd|ynt|vb|vl|"
+    r"回复|答复|转发|回覆|答覆|轉寄|轉發|转寄)\s*+(?:(?:\[\d+\]|\(\d+\))\s*+)?[:：]|"
+    r"\[(?:fwd?|re)\]\s*+[:：]?))+\s*",
     re.IGNORECASE,
 )
 
@@ -374,27 +433,29 @@ def strip_subject_prefixes(subject: str) -> str:
 
 # --------------------------------------------------------------------------- quoted text
 
+# Every run of spaces is matched possessively (`\s*+`) by one part of a pattern: where two
+# parts could share a run ("From" + 40,000 spaces), matching backtracks in quadratic time.
 _ORIG_RE = re.compile(
-    r"^\s*-{2,}\s*(?:原始邮件|原始郵件|Original Message|Ursprüngliche Nachricht|"
-    r"Message d'origine|Mensaje original)\s*-{2,}\s*$",
+    r"^\s*+-{2,}+\s*+(?:原始邮件|原始郵件|Original Message|Ursprüngliche Nachricht|"
+    r"Message d'origine|Mensaje original)\s*+-{2,}+\s*+$",
     re.IGNORECASE,
 )
 _HDR_FROM_RE = re.compile(
-    r"^\s*\*{0,2}(?:From|发件人|寄件者|寄件人|Von|De)\s*\*{0,2}\s*[:：]", re.IGNORECASE
+    r"^\s*+\*{0,2}(?:From|发件人|寄件者|寄件人|Von|De)\s*+(?:\*{1,2}\s*+)?[:：]", re.IGNORECASE
 )
 _HDR_NEXT_RE = re.compile(
-    r"^\s*\*{0,2}(?:Sent|Date|发送时间|日期|时间|寄件日期|Gesendet|Datum|Envoyé|Enviado)"
-    r"\s*\*{0,2}\s*[:：]",
+    r"^\s*+\*{0,2}(?:Sent|Date|发送时间|日期|时间|寄件日期|Gesendet|Datum|Envoyé|Enviado)"
+    r"\s*+(?:\*{1,2}\s*+)?[:：]",
     re.IGNORECASE,
 )
 _HDR_MID_RE = re.compile(
-    r"^\s*\*{0,2}(?:To|Cc|Subject|收件人|抄送|主题|An|Betreff)\s*\*{0,2}\s*[:：]", re.I
+    r"^\s*+\*{0,2}(?:To|Cc|Subject|收件人|抄送|主题|An|Betreff)\s*+(?:\*{1,2}\s*+)?[:：]", re.I
 )
 _WROTE_END_RE = re.compile(
-    r"(?:wrote|写道|寫道|schrieb|a écrit|escribió)\s*[:：]\s*$", re.IGNORECASE
+    r"(?:wrote|写道|寫道|schrieb|a écrit|escribió)\s*+[:：]\s*+$", re.IGNORECASE
 )
-_WROTE_START_RE = re.compile(r"^\s*(?:On\s|在|Am\s|Le\s|El\s)", re.IGNORECASE)
-_UNDERSCORES_RE = re.compile(r"^\s*_{10,}\s*$")
+_WROTE_START_RE = re.compile(r"^\s*+(?:On\s|在|Am\s|Le\s|El\s)", re.IGNORECASE)
+_UNDERSCORES_RE = re.compile(r"^\s*+_{10,}+\s*+$")
 
 
 def _wrote_cut(lines: list[str], i: int) -> int | None:
@@ -473,7 +534,7 @@ def strip_quoted(text: str) -> str:
 # --------------------------------------------------------------------------- bodies
 
 _MD_ESCAPE_RE = re.compile(r"\\([\\`*_{}\[\]()#+\-.!])")
-_MD_TABLE_RULE_RE = re.compile(r"^\s*-{3,}(?:\|-{3,})+\s*$", re.MULTILINE)
+_MD_TABLE_RULE_RE = re.compile(r"^[ \t]*+-{3,}+(?:\|-{3,}+)++[ \t]*+$", re.MULTILINE)
 _BLANKS_RE = re.compile(r"\n{3,}")
 
 
@@ -509,7 +570,7 @@ def _param(part: email.message.Message, name: str, header: str = "content-type")
     if isinstance(raw, str) and not raw.isascii():
         # Raw 8-bit bytes (e.g. filename="故障截图.png" in UTF-8 or GBK): get_param would
         # turn them into U+FFFD, so they are decoded first, as other raw headers are.
-        holder = email.message.Message()
+        holder = _Message()
         holder[header] = _fix_raw(raw)
         part = holder
     try:
@@ -690,7 +751,9 @@ class _Walker:
             return None
         boundary = m.group(1).decode("ascii", "replace").replace('"', "")
         head = f'Content-Type: {part.get_content_type()}; boundary="{boundary}"\n\n'
-        fixed = email.message_from_bytes(head.encode() + body, policy=email.policy.compat32)
+        fixed = email.message_from_bytes(
+            head.encode() + body, _class=_Message, policy=email.policy.compat32
+        )
         return fixed if isinstance(fixed.get_payload(), list) else None
 
 
@@ -760,17 +823,19 @@ def _fill(mail: ParsedMail, data: bytes, max_bytes: int, max_count: int, max_cha
     ids = _msgids(first.get("message-id"))
     if ids:
         mail.message_id, mail.has_message_id = ids[0].strip()[:MESSAGE_ID_LIMIT], True
-    mail.in_reply_to = _msgids(first.get("in-reply-to"))
-    mail.references = [i for v in every.get("references", []) for i in _msgids(v)]
+    mail.in_reply_to = _last_ids(_msgids(first.get("in-reply-to")), IN_REPLY_TO_LIMIT)
+    references = [i for v in every.get("references", []) for i in _msgids(v)]
+    mail.references = _last_ids(references, REFERENCES_LIMIT)
 
-    from_pairs = _addresses(every.get("from", []))
+    from_pairs = _addresses(every.get("from", []), 1)
     if from_pairs:
         mail.from_name, mail.from_addr = from_pairs[0]
-        mail.from_name = mail.from_name[:NAME_LIMIT]
-    mail.reply_to = [a for _, a in _addresses(every.get("reply-to", []))]
-    mail.to = [a for _, a in _addresses(every.get("to", []))]
-    mail.cc = [a for _, a in _addresses(every.get("cc", []))]
-    mail.subject = _WS_RE.sub(" ", decode_header_value(first.get("subject"))).strip()
+        mail.from_name = mail.from_name[:NAME_LIMIT].rstrip()
+    mail.reply_to = [a for _, a in _addresses(every.get("reply-to", []), ADDRESS_LIMIT)]
+    mail.to = [a for _, a in _addresses(every.get("to", []), ADDRESS_LIMIT)]
+    mail.cc = [a for _, a in _addresses(every.get("cc", []), ADDRESS_LIMIT)]
+    subject = _WS_RE.sub(" ", decode_header_value(first.get("subject"))).strip()
+    mail.subject = subject[:SUBJECT_LIMIT].rstrip()
     mail.date = _parse_date(first.get("date"))
 
     walker = _Walker(mail, max_bytes, max_count, max_chars)
@@ -794,9 +859,10 @@ def _fill(mail: ParsedMail, data: bytes, max_bytes: int, max_count: int, max_cha
 
 
 def _message_from_bytes(data: bytes) -> email.message.Message:
-    """email.message_from_bytes, fed in pieces: that one reads the whole mail through a
-    StringIO of four bytes a character (a 23 MB mail peaked at 182 MB, this at 43 MB)."""
-    parser = email.feedparser.BytesFeedParser(policy=email.policy.compat32)
+    """email.message_from_bytes (with `_Message`, whose parameters read in linear time), fed
+    in pieces: that one reads the whole mail through a StringIO of four bytes a character
+    (a 23 MB mail peaked at 182 MB, this at 43 MB)."""
+    parser = email.feedparser.BytesFeedParser(_class=_Message, policy=email.policy.compat32)
     for start in range(0, len(data), _FEED_PIECE):
         parser.feed(data[start : start + _FEED_PIECE])
     return parser.close()
