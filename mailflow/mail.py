@@ -862,7 +862,7 @@ def _message_from_bytes(data: bytes) -> email.message.Message:
     """email.message_from_bytes (with `_Message`, whose parameters read in linear time), fed
     in pieces: that one reads the whole mail through a StringIO of four bytes a character
     (a 23 MB mail peaked at 182 MB, this at 43 MB)."""
-    parser = email.feedparser.BytesFeedParser(_class=_Message, policy=email.policy.compat32)
+    parser = email.feedparser.BytesFeedParser(_Message, policy=email.policy.compat32)
     for start in range(0, len(data), _FEED_PIECE):
         parser.feed(data[start : start + _FEED_PIECE])
     return parser.close()
