@@ -20,6 +20,7 @@ from sqlalchemy import event, insert, select
 from sqlalchemy.dialects import postgresql, sqlite
 from sqlalchemy.orm import Session
 
+from mailflow.mail import human_size
 from mailflow.models import Blob, Inbound, TicketAttachment
 
 if TYPE_CHECKING:
@@ -50,16 +51,6 @@ class Listed:
 
     def __str__(self) -> str:
         return f"{self.filename} ({self.human_size})"
-
-
-def human_size(size: int) -> str:
-    """312 bytes, 120 KB, 1.5 MB, 29 MB."""
-    if size < 1024:
-        return f"{size} bytes"
-    if size < 1024 * 1024:
-        return f"{size / 1024:.0f} KB"
-    mb = size / (1024 * 1024)
-    return f"{mb:.1f} MB" if mb < 10 else f"{mb:.0f} MB"
 
 
 def _name(att: Attachment, number: int) -> str:

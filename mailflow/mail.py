@@ -554,13 +554,14 @@ def html_to_text(html: str) -> str:
     return _BLANKS_RE.sub("\n\n", out).strip("\n")
 
 
-def _human_size(size: int) -> str:
+def human_size(size: int) -> str:
+    """312 bytes, 120 KB, 1.5 MB, 29 MB."""
     if size < 1024:
         return f"{size} bytes"
     if size < 1024 * 1024:
         return f"{size / 1024:.0f} KB"
     mb = size / (1024 * 1024)
-    return f"{mb:.0f} MB" if mb >= 10 else f"{mb:.1f} MB"
+    return f"{mb:.1f} MB" if mb < 10 else f"{mb:.0f} MB"
 
 
 def _param(part: email.message.Message, name: str, header: str = "content-type") -> str:
@@ -680,7 +681,7 @@ class _Walker:
         att = Attachment(filename=name, content_type=ctype, size=size, data=data)
         if size > self.max_bytes:
             att.data = None
-            self.mail.omitted.append(f"{name or 'unnamed attachment'} ({_human_size(size)})")
+            self.mail.omitted.append(f"{name or 'unnamed attachment'} ({human_size(size)})")
         elif len(self.mail.attachments) >= self.max_count:
             att.data = None
             self.kept_out += 1
