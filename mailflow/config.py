@@ -7,6 +7,7 @@ Relative paths are resolved against the directory holding the config file.
 
 from __future__ import annotations
 
+import difflib
 import os
 import re
 import tomllib
@@ -354,6 +355,8 @@ class _Reader:
         self.data = data
         self.file = file
         self.problems: list[Problem] = []
+        self.read: set[str] = set()  # dotted keys the settings were read from
+        self.free: set[str] = set()  # tables whose keys are names of the user's choosing
 
     def problem(self, key: str, message: str) -> None:
         self.problems.append(Problem(self.file, key, message))
@@ -367,7 +370,13 @@ class _Reader:
             return {}
         return node
 
+    def entries(self, key: str) -> dict[str, Any]:
+        """A table whose keys the user names (request types, vendors …), checked by the caller."""
+        self.free.add(key)
+        return self.table(key)
+
     def get(self, section: str, key: str, kind: type, default: Any) -> Any:
+        self.read.add(f"{section}.{key}")
         value = self.table(section).get(key, default)
         if kind is float and isinstance(value, int) and not isinstance(value, bool):
             value = float(value)
@@ -377,6 +386,7 @@ class _Reader:
         return value
 
     def parsed(self, section: str, key: str, default: Any, convert: Callable[[Any], Any]) -> Any:
+        self.read.add(f"{section}.{key}")
         value = self.table(section).get(key)
         if value is None:
             return default
@@ -389,6 +399,7 @@ class _Reader:
     def secret(self, section: str, key: str) -> str:
         """A secret given inline or through `<key>_env` naming an environment variable."""
         env_name = self.get(section, f"{key}_env", str, "")
+        self.read.add(f"{section}.{key}")
         if env_name:
             if env_name not in os.environ:
                 self.problem(f"{section}.{key}_env", f"environment variable {env_name} is not set")
@@ -527,6 +538,7 @@ def _client_id(r: _Reader, section: str) -> tuple[tuple[str, str], ...]:
     from mailflow import __version__
 
     table = r.table(section)
+    r.read.add(f"{section}.id")
     fields = table.get("id")
     if fields is not None:
         if not isinstance(fields, dict) or not all(
@@ -590,6 +602,7 @@ def _imap_config(r: _Reader, section: str, base: Path) -> ImapConfig:
 def _mailboxes(r: _Reader, imap: ImapConfig, base: Path) -> tuple[ImapConfig, ...]:
     """[imap] (when it has a host) and each [[mailboxes]] entry, which inherits from [imap]."""
     entries = r.data.get("mailboxes", [])
+    r.free.add("mailboxes")  # each entry is checked by a reader of its own
     if not isinstance(entries, list) or not all(isinstance(e, dict) for e in entries):
         r.problem("mailboxes", "must be an array of tables ([[mailboxes]])")
         return (imap,) if imap.enabled else ()
@@ -600,6 +613,7 @@ def _mailboxes(r: _Reader, imap: ImapConfig, base: Path) -> tuple[ImapConfig, ..
         # A nested copy so the reader's dotted lookup finds "mailboxes.N" (and names it).
         local = _Reader({"mailboxes": {str(n): {**inherited, **entry}}}, r.file)
         cfg = _imap_config(local, section, base)
+        local.problems += unknown_keys(local, section)
         r.problems.extend(local.problems)
         if not cfg.enabled:
             r.problem(f"{section}.host", "required (here or in [imap])")
@@ -631,7 +645,7 @@ def _request_settings(r: _Reader, roles: Roles) -> RequestSettings:
     from mailflow.forms import FIELDS
 
     fields: dict[str, tuple[str, ...]] = {}
-    for rtype, value in r.table("requests.required_fields").items():
+    for rtype, value in r.entries("requests.required_fields").items():
         key = f"requests.required_fields.{rtype}"
         names = _names(r, key, value)
         unknown = [n for n in names or () if n not in FIELDS]
@@ -640,7 +654,7 @@ def _request_settings(r: _Reader, roles: Roles) -> RequestSettings:
         if names is not None:
             fields[rtype] = tuple(n for n in names if n in FIELDS)
     chains: dict[str, tuple[str, ...]] = {}
-    for rtype, value in r.table("requests.approval_chain").items():
+    for rtype, value in r.entries("requests.approval_chain").items():
         key = f"requests.approval_chain.{rtype}"
         steps = _names(r, key, value)
         if not steps:
@@ -692,7 +706,7 @@ def _security_settings(r: _Reader, requests: RequestSettings) -> SecuritySetting
 def _directory_settings(r: _Reader) -> DirectorySettings:
     """[directory] and [directory.attributes]: the LDAP people source."""
     attributes = dict(DIRECTORY_ATTRIBUTES)
-    for key, value in r.table("directory.attributes").items():
+    for key, value in r.entries("directory.attributes").items():
         if key not in DIRECTORY_ATTRIBUTES:
             r.problem(f"directory.attributes.{key}",
                       f"unknown field; known: {', '.join(DIRECTORY_ATTRIBUTES)}")
@@ -729,7 +743,7 @@ def _duration_or_off(value: Any) -> timedelta | None:
 def _vendors(r: _Reader, language: str) -> dict[str, Vendor]:
     """[vendors.<key>]: name, addresses, language (default the desk's), response time."""
     vendors: dict[str, Vendor] = {}
-    for key, table in r.table("vendors").items():
+    for key, table in r.entries("vendors").items():
         section = f"vendors.{key}"
         if not isinstance(table, dict):
             r.problem(section, "must be a table ([vendors.<key>] with name and addresses)")
@@ -748,6 +762,37 @@ def _vendors(r: _Reader, language: str) -> dict[str, Vendor]:
             response=r.parsed(section, "response", None, _duration),
         )
     return vendors
+
+
+def unknown_keys(r: _Reader, within: str = "") -> list[Problem]:
+    """A problem for every key and table of the file that no setting was read from, with the
+    nearest known name ("did you mean `poll_interval`?"): a misspelt key is no silent default."""
+    known: dict[str, set[str]] = {}  # table → the keys and sub-tables it may hold
+    for dotted in r.read | r.free:
+        parts = dotted.split(".")
+        for depth in range(len(parts)):
+            known.setdefault(".".join(parts[:depth]), set()).add(parts[depth])
+    problems: list[Problem] = []
+
+    def walk(table: dict[str, Any], path: str) -> None:
+        for key, value in table.items():
+            dotted = f"{path}.{key}" if path else key
+            if dotted in r.free:
+                continue
+            if key not in known.get(path, set()):
+                near = difflib.get_close_matches(key, sorted(known.get(path, set())), n=1)
+                what = "table" if isinstance(value, dict) else "key"
+                hint = f"; did you mean `{near[0]}`?" if near else ""
+                problems.append(Problem(r.file, dotted, f"unknown {what}{hint}"))
+            elif isinstance(value, dict) and dotted not in r.read:
+                walk(value, dotted)
+
+    start: Any = r.data
+    for part in within.split(".") if within else []:
+        start = start.get(part, {}) if isinstance(start, dict) else {}
+    if isinstance(start, dict):
+        walk(start, within)
+    return problems
 
 
 def read_config(path: Path) -> tuple[Settings | None, list[Problem]]:
@@ -800,14 +845,14 @@ def read_config(path: Path) -> tuple[Settings | None, list[Problem]]:
         max_attempts=r.get("smtp", "max_attempts", int, 12),
     )
 
-    roles_table = r.table("roles")
+    roles_table = r.entries("roles")  # unknown roles are named below
     role_values = {k: r.emails(f"roles.{k}", roles_table.get(k, [])) for k in ROLE_KEYS}
     for key in roles_table:
         if key not in ROLE_KEYS and key not in ("approvers", "executors"):
             r.problem(f"roles.{key}", f"unknown role; known: {', '.join(ROLE_KEYS)}")
     by_type = {}
     for group in ("approvers", "executors"):
-        table = r.table(f"roles.{group}")
+        table = r.entries(f"roles.{group}")
         by_type[group] = {t: r.emails(f"roles.{group}.{t}", v) for t, v in table.items()}
     roles = Roles(**role_values, approvers=by_type["approvers"], executors=by_type["executors"])
     if not roles.service_desk:
@@ -948,7 +993,7 @@ def read_config(path: Path) -> tuple[Settings | None, list[Problem]]:
         directory=_directory_settings(r),
         vendors=_vendors(r, desk.language),
     )
-    return settings, r.problems
+    return settings, r.problems + unknown_keys(r)
 
 
 def check_config(path: Path) -> list[Problem]:

@@ -351,3 +351,41 @@ def test_a_file_that_is_no_mail_is_labelled_so(tmp_path, clock):
         rows = session.execute(select(Inbound.state, Inbound.reason)).all()
     desk.close()
     assert [tuple(row) for row in rows] == [("ignored", "not a mail message")] * 3
+
+
+# -- strict configuration: a misspelt key is an error, not a silent default ---------------
+
+
+@pytest.mark.parametrize(
+    ("extra", "named", "hint"),
+    [
+        ('[desk]\npol_interval = 5\n', "desk.pol_interval", "did you mean `poll_interval`?"),
+        ('[desk2]\naddress = "x@example.test"\n', "desk2", "did you mean `desk`?"),
+        ('[security]\ncomands = "from"\n', "security.comands", "did you mean `commands`?"),
+        ('[sla.P2]\nresolv = "8h"\n', "sla.P2.resolv", "did you mean `resolve`?"),
+        ('[limits]\nmax_mesage_bytes = 10\n', "limits.max_mesage_bytes", "`max_message_bytes`"),
+    ],
+)
+def test_check_names_unknown_keys_and_tables_with_the_nearest_known_one(
+    tmp_path, capsys, extra, named, hint
+):
+    config = desk_config(tmp_path)
+    text = config.read_text(encoding="utf-8")
+    section = extra.split("\n", 1)[0]
+    if section in text:  # add the key to the existing table, as a user would
+        text = text.replace(section + "\n", extra, 1)
+    else:
+        text += "\n" + extra
+    config.write_text(text, encoding="utf-8")
+    assert main(["--config", str(config), "check"]) == 1
+    out = capsys.readouterr().out
+    line = next(line for line in out.splitlines() if f": {named}: " in line)
+    assert "unknown" in line and hint in line
+
+
+def test_the_shipped_configurations_have_no_unknown_key(capsys):
+    from mailflow.config import read_config
+
+    for name in ("config.toml", "deploy/config.production.toml"):
+        _, problems = read_config(REPO / name)
+        assert [p for p in problems if "unknown" in p.message] == [], name
