@@ -24,7 +24,7 @@ from mailflow.render import LANGUAGES, PACKAGE_TEMPLATES, Renderer
 
 # What notify.queue gives every template (it passes rules and attachments; ticket may be None).
 COMMON = frozenset({"ticket", "desk", "rules", "attachments"})
-_FORWARDED = ("attachments", "not_attached")  # incidents._forwarded, the owning tier's notice
+_FORWARDED = ("not_attached",)  # incidents._forwarded (its files go as attachments)
 _DIGEST = (
     "recipient", "roles", "day", "as_of", "queue", "queue_total", "states", "approvals",
     "approvals_total", "overview", "empty",
