@@ -172,21 +172,10 @@ def _problem(problem: Any) -> str:
 
 
 def _check_templates(settings: Any) -> list[str]:
-    import jinja2
+    """Syntax, and the variables each template is given (mailflow.template_vars)."""
+    from mailflow import template_vars
 
-    from mailflow.render import Renderer
-
-    try:
-        renderer = Renderer(settings.templates_dir, settings.desk.language, settings.desk.tz)
-    except jinja2.TemplateError as exc:  # e.g. a broken or missing _macros.txt
-        return [f"{settings.templates_dir}: {' '.join(str(exc).split())}"]
-    problems = []
-    for name in renderer.names():
-        try:
-            renderer.env.get_template(f"{name}.txt")
-        except jinja2.TemplateError as exc:
-            problems.append(f"templates/{name}.txt: {exc}")
-    return problems
+    return template_vars.check(settings.templates_dir, settings.desk.tz)
 
 
 def status_json(desk: Any) -> dict[str, Any]:

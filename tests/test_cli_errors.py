@@ -389,3 +389,160 @@ def test_the_shipped_configurations_have_no_unknown_key(capsys):
     for name in ("config.toml", "deploy/config.production.toml"):
         _, problems = read_config(REPO / name)
         assert [p for p in problems if "unknown" in p.message] == [], name
+
+
+# -- check: templates against the variables each is given ---------------------------------
+
+
+def _desk_with_templates(tmp_path: Path) -> tuple[Path, Path]:
+    """A config whose templates directory is a copy of the shipped one, to break."""
+    templates = tmp_path / "templates"
+    shutil.copytree(REPO / "templates", templates)
+    return desk_config(tmp_path, paths={"templates": str(templates)}), templates
+
+
+def _edit(path: Path, old: str, new: str) -> None:
+    text = path.read_text(encoding="utf-8")
+    assert old in text
+    path.write_text(text.replace(old, new, 1), encoding="utf-8")
+
+
+def _line_of(path: Path, needle: str) -> int:
+    lines = path.read_text(encoding="utf-8").splitlines()
+    return next(n for n, line in enumerate(lines, 1) if needle in line)
+
+
+def test_check_names_a_variable_a_template_is_not_given_with_file_and_line(tmp_path, capsys):
+    config, templates = _desk_with_templates(tmp_path)
+    ack = templates / "zh-CN" / "ack.txt"
+    _edit(ack, "工单编号 {{ ticket.ref }}", "工单编号 {{ tiket.ref }}")
+    code, out, _ = cli(config, capsys, "check")
+    assert code == 1
+    line = _line_of(ack, "tiket.ref")
+    assert f"templates/zh-CN/ack.txt:{line}: `tiket` is not given" in out
+    assert "did you mean `ticket`?" in out
+
+
+def test_check_names_an_attribute_a_ticket_does_not_have(tmp_path, capsys):
+    config, templates = _desk_with_templates(tmp_path)
+    ack = templates / "en" / "ack.txt"
+    _edit(ack, "{{ ticket.ref }}", "{{ ticket.refx }}")
+    code, out, _ = cli(config, capsys, "check")
+    assert code == 1
+    line = _line_of(ack, "ticket.refx")
+    assert f"templates/en/ack.txt:{line}: a ticket has no `refx`; did you mean `ref`?" in out
+
+
+@pytest.mark.parametrize("partial", [False, True])
+def test_check_names_a_syntax_error_by_its_full_path_and_line(tmp_path, capsys, partial):
+    config, templates = _desk_with_templates(tmp_path)
+    name = "_macros.txt" if partial else "ack.txt"
+    broken = templates / "zh-CN" / name
+    lines = broken.read_text(encoding="utf-8").splitlines()
+    lines.insert(4, "{% if %}")
+    broken.write_text("\n".join(lines) + "\n", encoding="utf-8")
+    code, out, _ = cli(config, capsys, "check")
+    assert code == 1
+    assert f"templates/zh-CN/{name}:5: " in out, out
+    assert f"templates/{name}" not in out
+
+
+def test_every_shipped_template_passes_the_check(capsys):
+    from mailflow import template_vars
+    from mailflow.render import PACKAGE_TEMPLATES
+
+    settings = load_config(REPO / "config.toml")
+    for directory in (REPO / "templates", PACKAGE_TEMPLATES):
+        assert template_vars.check(directory, settings.desk.tz) == [], directory
+
+
+def _strict_renderer(desk, language: str):
+    import jinja2
+
+    from mailflow.render import Renderer
+
+    renderer = Renderer(desk.settings.templates_dir, language, desk.settings.desk.tz)
+    for env in renderer.envs.values():
+        env.undefined = jinja2.StrictUndefined
+    return renderer
+
+
+def _sample_context(desk, now) -> dict[str, dict]:
+    """For each notification, a value for every variable the table declares for it, of the
+    shape its sender passes; digests and reports from the functions that build them."""
+    from datetime import timedelta
+
+    from mailflow import charts, digest, report
+    from mailflow.attachments import Listed
+    from mailflow.commands import Command
+    from mailflow.config import Vendor
+    from mailflow.models import Event, Ticket
+    from mailflow.parties import STATUS_NAMES
+
+    ticket = Ticket(
+        id=1, kind="incident", number=7, status="open", priority="P2", category="printer",
+        tier="L1", major=False, desktop=True, rule="printer", requester="user@example.test",
+        requester_name="张三", assignee="eng@example.test", subject="打印机无法打印",
+        description="3楼打印机卡纸", solution="换了硒鼓", omitted=None,
+        form={"reason": "新员工入职"}, created_at=now, updated_at=now, due_at=now,
+        response_due_at=now,
+    )
+    event = Event(at=now, action="comment", actor="eng@example.test", detail="已联系")
+    listed = Listed(1, 1, "screen.png", "image/png", 2048, "ab" * 32)
+    step = {"step": 0, "group": "default", "approver": "approver@example.test",
+            "decision": "approve", "reason": "ok", "used_at": now}
+    common = {"ticket": ticket, "desk": desk.settings.desk, "rules": desk.rules,
+              "attachments": [listed]}
+    values = {
+        "action": "approve", "address": "watcher@example.test", "allowed": ["resolve"],
+        "approver": "approver@example.test", "at": now, "author": "eng@example.test",
+        "automatic": False, "category": "printer", "code": "approve",
+        "command": Command("resolve"), "confirm_by": now + timedelta(days=3),
+        "decided": [step], "decision": "approve", "detail": "a loop of mail",
+        "events": [event], "expires_at": now, "fill_in": {"reason": "原因："},
+        "fill_in_en": {"reason": "Reason:"}, "form": {"reason": "新员工入职"},
+        "forwarded": True, "found": [ticket], "group": "default", "internal": False,
+        "key": "loop:x", "labels": {"reason": "原因 / Reason"}, "missing": ["reason"],
+        "names": STATUS_NAMES, "new_tier": "L2", "not_attached": [listed], "old_tier": "L1",
+        "reason": "已处理", "received_at": now, "reissued": False,
+        "reopened_by": "user@example.test", "sender": "someone@example.test",
+        "similar": [ticket], "status_name": STATUS_NAMES["open"], "step": 1, "steps": 1,
+        "subject": "Re: [REQ-7]", "text": "请重启打印机", "tier_name": None, "update": event,
+        "update_name": ("留言", "comment"), "update_text": "已联系", "used": 0.8,
+        "vendor": Vendor("hp", "HP", ("support@hp.example",)), "why": "not signed",
+    }
+    per_template = {"request_submitted": {"steps": [step]}}
+    snap = digest.snapshot(desk, now)
+    everyone = digest.context_for(desk, snap, "eng@example.test", list(digest.TEMPLATES))
+    data = report.compute(desk, None, None, now)
+    built = {
+        **{name: everyone for name in digest.TEMPLATES.values()},
+        "report": report.template_context(
+            desk, data, "weekly", mail=True, images=charts.images(data)
+        ),
+    }
+    from mailflow.template_vars import VARIABLES
+
+    contexts = {}
+    for name, given in VARIABLES.items():
+        if name in built:
+            assert set(built[name]) == given, name  # the table names what is built
+            contexts[name] = {**common, **built[name]}
+        else:
+            own = per_template.get(name, {})
+            contexts[name] = {**common, **{v: own.get(v, values[v]) for v in given}}
+    return contexts
+
+
+@pytest.mark.parametrize("language", ["zh-CN", "en"])
+def test_every_notification_renders_strictly_with_its_declared_variables(
+    tmp_path, clock, language
+):
+    from mailflow.template_vars import VARIABLES
+
+    desk = make_desk(tmp_path)
+    renderer = _strict_renderer(desk, language)
+    assert set(VARIABLES) == set(renderer.names())  # one entry per notification
+    for name, context in _sample_context(desk, clock()).items():
+        rendered = renderer.render(name, **context)
+        assert rendered.subject and rendered.text.strip(), name
