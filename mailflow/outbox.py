@@ -1,21 +1,25 @@
 """The relay: sends queued outbox rows over SMTP with retry, backoff and dead-lettering.
 
+A relay pass claims up to `BATCH` due rows in one transaction, sends them over one SMTP
+connection (kept open across the pass's batches) and records their outcomes in one more
+transaction: two commits a batch instead of two a recipient.
 Connection errors and 4xx answers leave a row queued with a later `next_attempt_at`; a 5xx
-answer dead-letters that recipient only. A crash after the server accepted a mail but
-before the row was marked sent re-sends it once, with the same Message-ID.
-With no `[smtp] host`, mail is written to the pickup directory instead (embedded default).
+answer dead-letters that recipient only. A crash after the server accepted mail but before
+the batch's outcomes were recorded re-sends at most that batch, with the same Message-IDs.
+With no `[smtp] host`, mail is written to the pickup directory instead (embedded default),
+a batch to a commit.
 """
 
 from __future__ import annotations
 
 import logging
 import ssl
-from collections.abc import Callable
+from collections.abc import Callable, Iterable
 from dataclasses import dataclass
 from datetime import datetime, timedelta
 
 import aiosmtplib
-from sqlalchemy import select, update
+from sqlalchemy import ColumnElement, select, update
 
 from mailflow import exporter, leases, logs
 from mailflow.config import SmtpConfig
@@ -27,6 +31,7 @@ log = logging.getLogger(__name__)
 BATCH = 100
 BACKOFF_FIRST = timedelta(seconds=30)
 BACKOFF_MAX = timedelta(hours=1)
+CLAIM_FOR = timedelta(minutes=10)  # a claimed row is due again after this (relay died)
 
 
 @dataclass
@@ -34,6 +39,34 @@ class RelayResult:
     sent: int = 0
     retried: int = 0
     dead: int = 0
+
+    def count(self, states: Iterable[str]) -> None:
+        for state in states:
+            self.sent += state == "sent"
+            self.retried += state == "queued"
+            self.dead += state == "dead"
+
+
+@dataclass(frozen=True)
+class Claimed:
+    """What the relay needs of one claimed row."""
+
+    id: int
+    sender: str
+    recipient: str
+    raw: bytes
+    message_id: str
+    attempts: int
+
+
+@dataclass(frozen=True)
+class Outcome:
+    """One claimed row's fate in this pass: `tried` False when the connection went first."""
+
+    row: Claimed
+    error: str | None = None
+    permanent: bool = False
+    tried: bool = True
 
 
 def backoff(attempts: int) -> timedelta:
@@ -62,47 +95,81 @@ def _client(cfg: SmtpConfig) -> aiosmtplib.SMTP:
     )
 
 
-def _due(db: Database, now: datetime) -> list[int]:
-    with db.sessions() as session:
-        return list(
-            session.scalars(
-                select(Outbox.id)
-                .where(Outbox.state == "queued", Outbox.next_attempt_at <= now)
-                .order_by(Outbox.id)
-                .limit(BATCH)
-            )
-        )
+def _due(now: datetime) -> tuple[ColumnElement[bool], ...]:
+    """The conditions of a row due to be sent at `now`."""
+    return (Outbox.state == "queued", Outbox.next_attempt_at <= now)
 
 
-def _finish(
-    db: Database, row_id: int, now: datetime, cfg: SmtpConfig, error: str | None, permanent: bool
-) -> str:
-    """Record one attempt's outcome; returns the row's new state (the mail itself, often
-    tens of KB, is not read again)."""
+def _claim_batch(
+    db: Database, now: datetime, limit: int = BATCH, ids: list[int] | None = None
+) -> list[Claimed]:
+    """Up to `limit` due rows (of `ids`, if given), claimed for this relay in one transaction.
+
+    One conditional UPDATE … RETURNING moves `next_attempt_at` past the send and names this
+    process as the claimer; on PostgreSQL its row choice is FOR UPDATE SKIP LOCKED, on
+    SQLite the UPDATE holds the write lock. A second relay — in this daemon or another —
+    finds the rows not due and passes over them (unless the claimer died on its host:
+    `_free_dead_claims`). `_finish` records the outcomes.
+    """
+    choice = select(Outbox.id).where(*_due(now)).order_by(Outbox.id).limit(limit)
+    if ids is not None:
+        choice = choice.where(Outbox.id.in_(ids))
+    if db.is_postgres:
+        choice = choice.with_for_update(skip_locked=True)
+    claim = (
+        update(Outbox)
+        .where(Outbox.id.in_(choice.scalar_subquery()), *_due(now))
+        .values(next_attempt_at=now + CLAIM_FOR, claimed_by=leases.process_owner())
+        .returning(Outbox.id, Outbox.sender, Outbox.recipient, Outbox.raw, Outbox.message_id,
+                   Outbox.attempts)
+        .execution_options(synchronize_session=False)
+    )
     with db.transaction() as session:
-        row = session.execute(
-            select(Outbox.attempts, Outbox.recipient, Outbox.message_id).where(
-                Outbox.id == row_id
+        rows = session.execute(claim).all()
+    return sorted((Claimed(*row) for row in rows), key=lambda row: row.id)
+
+
+def _claim(db: Database, row_id: int, now: datetime) -> Claimed | None:
+    """The row if it is still due, claimed for this relay; None when another has it."""
+    rows = _claim_batch(db, now, limit=1, ids=[row_id])
+    return rows[0] if rows else None
+
+
+def _values(outcome: Outcome, now: datetime, cfg: SmtpConfig) -> dict[str, object]:
+    """The row's new columns after `outcome`, logging a retry or a dead letter."""
+    row = outcome.row
+    if not outcome.tried:  # never attempted: due again, the attempt not counted
+        return {"claimed_by": None, "next_attempt_at": now}
+    attempts = row.attempts + 1
+    values: dict[str, object] = {"attempts": attempts, "claimed_by": None}
+    with logs.context(msg_id=row.message_id):
+        if outcome.error is None:
+            values.update(state="sent", sent_at=now, last_error=None)
+        elif outcome.permanent or attempts >= cfg.max_attempts:
+            values.update(state="dead", last_error=outcome.error)
+            log.error("outbox #%s to %s dead: %s", row.id, row.recipient, outcome.error)
+        else:
+            values.update(last_error=outcome.error, next_attempt_at=now + backoff(attempts))
+            log.warning("outbox #%s to %s retry later: %s", row.id, row.recipient,
+                        outcome.error)
+    return values
+
+
+def _finish(db: Database, outcomes: list[Outcome], now: datetime, cfg: SmtpConfig) -> list[str]:
+    """Record a batch's outcomes in one transaction; returns the states of the rows tried."""
+    changes = [(outcome, _values(outcome, now, cfg)) for outcome in outcomes]
+    with db.transaction() as session:
+        for outcome, values in changes:
+            session.execute(
+                update(Outbox)
+                .where(Outbox.id == outcome.row.id)
+                .values(**values)
+                .execution_options(synchronize_session=False)
             )
-        ).one()
-        attempts = row.attempts + 1
-        values: dict[str, object] = {"attempts": attempts, "claimed_by": None}
-        with logs.context(msg_id=row.message_id):
-            if error is None:
-                values.update(state="sent", sent_at=now, last_error=None)
-            elif permanent or attempts >= cfg.max_attempts:
-                values.update(state="dead", last_error=error)
-                log.error("outbox #%s to %s dead: %s", row_id, row.recipient, error)
-            else:
-                values.update(last_error=error, next_attempt_at=now + backoff(attempts))
-                log.warning("outbox #%s to %s retry later: %s", row_id, row.recipient, error)
-        session.execute(update(Outbox).where(Outbox.id == row_id).values(**values))
-    state = str(values.get("state", "queued"))
-    exporter.relayed("retry" if state == "queued" else state)
-    return state
-
-
-CLAIM_FOR = timedelta(minutes=10)  # a claimed row is due again after this (relay died)
+    states = [str(values.get("state", "queued")) for outcome, values in changes if outcome.tried]
+    for state in states:
+        exporter.relayed("retry" if state == "queued" else state)
+    return states
 
 
 def _free_dead_claims(db: Database, now: datetime) -> int:
@@ -129,105 +196,99 @@ def _free_dead_claims(db: Database, now: datetime) -> int:
     return int(freed)
 
 
-def _claim(db: Database, row_id: int, now: datetime) -> Outbox | None:
-    """The row if it is still due, claimed for this relay; None when another has it.
+def _attempted(row: Claimed, error: str | None, permanent: bool) -> Outcome:
+    """The outcome of one SMTP attempt (the point a crash test stops at)."""
+    return Outcome(row, error, permanent)
 
-    The claim moves `next_attempt_at` past the send and names this process as the claimer,
-    in one conditional UPDATE (on PostgreSQL after FOR UPDATE SKIP LOCKED), so a second
-    relay — in this daemon or another — finds the row not due and passes over it (unless
-    the claimer died on its host: `_free_dead_claims`). `_finish` records the outcome.
-    """
-    claim = {"next_attempt_at": now + CLAIM_FOR, "claimed_by": leases.process_owner()}
-    with db.transaction() as session:
-        query = select(Outbox).where(
-            Outbox.id == row_id, Outbox.state == "queued", Outbox.next_attempt_at <= now
-        )
-        if db.is_postgres:
-            query = query.with_for_update(skip_locked=True)
-        else:  # SQLite: the conditional UPDATE first takes the write lock
-            claimed = session.execute(
-                update(Outbox)
-                .where(
-                    Outbox.id == row_id, Outbox.state == "queued", Outbox.next_attempt_at <= now
-                )
-                .values(**claim)
-                .execution_options(synchronize_session=False)
-            )
-            if not claimed.rowcount:  # type: ignore[attr-defined]
-                return None
-            return session.get(Outbox, row_id)
-        row = session.scalar(query)
-        if row is not None:
-            row.next_attempt_at, row.claimed_by = claim["next_attempt_at"], claim["claimed_by"]
-        return row
+
+async def _send_one(smtp: aiosmtplib.SMTP, row: Claimed) -> tuple[Outcome, bool]:
+    """Send `row` on `smtp`; returns its outcome and whether the connection is lost."""
+    # An address beyond ASCII (RFC 6531, e.g. 张三@…) needs SMTPUTF8.
+    utf8 = [] if f"{row.sender}{row.recipient}".isascii() else ["SMTPUTF8"]
+    error, permanent = None, False
+    try:
+        await smtp.sendmail(row.sender, [row.recipient], row.raw, mail_options=utf8)
+    except aiosmtplib.SMTPNotSupported as exc:  # no SMTPUTF8: this one cannot go
+        permanent, error = True, f"{exc} (needed for {row.recipient})"
+    except aiosmtplib.SMTPRecipientsRefused as exc:
+        refusal = exc.recipients[0] if exc.recipients else None
+        permanent = refusal is not None and refusal.code >= 500
+        error = str(refusal or exc)
+    except aiosmtplib.SMTPResponseException as exc:
+        permanent = exc.code >= 500
+        error = f"{exc.code} {exc.message}"
+    except (aiosmtplib.SMTPException, OSError) as exc:
+        return _attempted(row, f"{exc}", False), True
+    return _attempted(row, error, permanent), not smtp.is_connected  # e.g. 421 hangs up
+
+
+async def _send_batch(smtp: aiosmtplib.SMTP, batch: list[Claimed]) -> tuple[list[Outcome], bool]:
+    """Send the batch in order; when the connection goes, the rest are left untried.
+    Returns the outcomes and whether the connection is lost."""
+    outcomes: list[Outcome] = []
+    for i, row in enumerate(batch):
+        outcome, lost = await _send_one(smtp, row)
+        outcomes.append(outcome)
+        if lost:
+            outcomes.extend(Outcome(rest, tried=False) for rest in batch[i + 1:])
+            return outcomes, True
+    return outcomes, False
+
+
+async def _connect(smtp: aiosmtplib.SMTP) -> str | None:
+    """Open the connection; the error if it cannot be."""
+    try:
+        await smtp.connect()
+    except (aiosmtplib.SMTPException, OSError) as exc:
+        return f"cannot connect: {exc}"
+    return None
+
+
+async def _close(smtp: aiosmtplib.SMTP) -> None:
+    if smtp.is_connected:
+        try:
+            await smtp.quit()
+        except (aiosmtplib.SMTPException, OSError):
+            smtp.close()
 
 
 async def relay(db: Database, cfg: SmtpConfig, clock: Callable[[], datetime]) -> RelayResult:
-    """Send every due row once; stops the batch early when the server is unreachable."""
+    """Send every due row once, a batch at a time over one connection; stops early when the
+    server is unreachable or hangs up (the rest are tried on the next pass)."""
     result = RelayResult()
-    if cfg.host:
-        _free_dead_claims(db, clock())
-    while ids := _due(db, clock()):
-        if not cfg.host:
-            for row_id in ids:
-                _deliver_to_pickup(db, cfg, row_id, clock())
-                result.sent += 1
-            continue
-        smtp = _client(cfg)
-        try:
-            await smtp.connect()
-        except (aiosmtplib.SMTPException, OSError) as exc:
-            for row_id in ids:
-                _finish(db, row_id, clock(), cfg, f"cannot connect: {exc}", permanent=False)
-                result.retried += 1
-            return result
-        try:
-            for row_id in ids:
-                row = _claim(db, row_id, clock())
-                if row is None:
-                    continue
-                error, permanent = None, False
-                # An address beyond ASCII (RFC 6531, e.g. 张三@…) needs SMTPUTF8.
-                utf8 = [] if f"{row.sender}{row.recipient}".isascii() else ["SMTPUTF8"]
-                try:
-                    await smtp.sendmail(row.sender, [row.recipient], row.raw, mail_options=utf8)
-                except aiosmtplib.SMTPNotSupported as exc:  # no SMTPUTF8: this one cannot go
-                    permanent, error = True, f"{exc} (needed for {row.recipient})"
-                except aiosmtplib.SMTPRecipientsRefused as exc:
-                    refusal = exc.recipients[0] if exc.recipients else None
-                    permanent = refusal is not None and refusal.code >= 500
-                    error = str(refusal or exc)
-                except aiosmtplib.SMTPResponseException as exc:
-                    permanent = exc.code >= 500
-                    error = f"{exc.code} {exc.message}"
-                except (aiosmtplib.SMTPException, OSError) as exc:
-                    state = _finish(db, row_id, clock(), cfg, f"{exc}", permanent=False)
-                    result.retried += state == "queued"
-                    result.dead += state == "dead"
-                    return result  # the connection is gone: try the rest later
-                state = _finish(db, row_id, clock(), cfg, error, permanent)
-                result.sent += state == "sent"
-                result.retried += state == "queued"
-                result.dead += state == "dead"
-                if not smtp.is_connected:
-                    return result  # the server hung up (e.g. 421): try the rest later
-        finally:
-            if smtp.is_connected:
-                try:
-                    await smtp.quit()
-                except (aiosmtplib.SMTPException, OSError):
-                    smtp.close()
-        if len(ids) < BATCH:
-            break
+    if not cfg.host:
+        while sent := _deliver_to_pickup(db, cfg, clock()):
+            result.sent += sent
+        return result
+    _free_dead_claims(db, clock())
+    smtp = _client(cfg)
+    try:
+        while batch := _claim_batch(db, clock()):
+            error = None if smtp.is_connected else await _connect(smtp)
+            if error is not None:
+                failed = [_attempted(row, error, False) for row in batch]
+                result.count(_finish(db, failed, clock(), cfg))
+                break
+            outcomes, lost = await _send_batch(smtp, batch)
+            result.count(_finish(db, outcomes, clock(), cfg))
+            if lost or len(batch) < BATCH:
+                break
+    finally:
+        await _close(smtp)
     return result
 
 
-def _deliver_to_pickup(db: Database, cfg: SmtpConfig, row_id: int, now: datetime) -> None:
-    """Embedded default: write the mail to `pickup_dir` as NNNNNN.eml."""
+def _deliver_to_pickup(db: Database, cfg: SmtpConfig, now: datetime) -> int:
+    """Embedded default: write up to `BATCH` due mails to `pickup_dir` as NNNNNN.eml and
+    mark them sent, in one transaction; returns how many."""
     assert cfg.pickup_dir is not None
     cfg.pickup_dir.mkdir(parents=True, exist_ok=True)
     with db.transaction() as session:
-        row = session.get(Outbox, row_id)
-        assert row is not None
-        (cfg.pickup_dir / f"{row.id:06d}.eml").write_bytes(row.raw)
-        row.state, row.sent_at, row.attempts = "sent", now, row.attempts + 1
+        rows = session.scalars(
+            select(Outbox).where(*_due(now)).order_by(Outbox.id).limit(BATCH)
+        ).all()
+        for row in rows:
+            (cfg.pickup_dir / f"{row.id:06d}.eml").write_bytes(row.raw)
+            row.state, row.sent_at, row.attempts = "sent", now, row.attempts + 1
+    exporter.relayed("sent", len(rows))
+    return len(rows)

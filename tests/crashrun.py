@@ -12,8 +12,8 @@ fetched      … when the N-th message has been fetched from IMAP, before it is 
 stored       … after the N-th batch was committed, before it is flagged on the server
 processing   … inside the N-th message's savepoint, before its batch commits
 processed    … after the N-th processing batch committed, before anything else
-sending      … after the SMTP server accepted the N-th mail, before it is marked sent
-sent         … after the N-th mail is marked sent
+sending      … after the SMTP server accepted the N-th mail, before its batch is marked sent
+sent         … after the batch holding the N-th mail is marked sent
 migrating    … after the N-th SQL statement of the schema migration on start
 
 `--within SECONDS` ends it at a moment of the clock instead: that many seconds after the
@@ -102,16 +102,25 @@ def arm(point: str, after: int) -> None:
     elif point == "processed":
         pipeline.process_batch = _after_call(pipeline.process_batch, count)
     elif point == "sending":
+        attempted = outbox._attempted
+
+        def accepted(*args: Any, **kwargs: Any) -> Any:
+            if args[1] is None:  # error is None: the server accepted the mail
+                count.tick()
+            return attempted(*args, **kwargs)
+
+        outbox._attempted = accepted
+    elif point == "sent":
         finish = outbox._finish
 
         def finishing(*args: Any, **kwargs: Any) -> Any:
-            if args[4] is None:  # error is None: the server accepted the mail
-                count.tick()
-            return finish(*args, **kwargs)
+            states = finish(*args, **kwargs)
+            for state in states:
+                if state == "sent":
+                    count.tick()
+            return states
 
         outbox._finish = finishing
-    elif point == "sent":
-        outbox._finish = _after_call(outbox._finish, count)
     elif point == "migrating":
         on_migration(lambda engine: _counting(engine, count))
     else:

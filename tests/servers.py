@@ -333,6 +333,8 @@ class _Handler:
     async def handle_MAIL(  # noqa: N802 - aiosmtpd hook name
         self, server: SMTP, session: Session, envelope: Envelope, address: str, options: Any
     ) -> str:
+        with self.sink._lock:
+            self.sink._sessions[id(session)] = session
         code = self.sink._take_failure("MAIL")
         if code:
             return code
@@ -377,7 +379,14 @@ class SmtpSink:
         self._arrived = threading.Condition(self._lock)
         self._failures: list[tuple[str, str]] = []
         self._rejected: dict[str, str] = {}
+        self._sessions: dict[int, Session] = {}  # kept, so that no id is reused
         self._controller: Controller | None = None
+
+    @property
+    def connections(self) -> int:
+        """How many SMTP sessions (connections) have sent a MAIL FROM."""
+        with self._lock:
+            return len(self._sessions)
 
     def fail_next(
         self, n: int, code: str = "451 4.3.0 try again later", stage: str = "DATA"
