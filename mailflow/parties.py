@@ -29,7 +29,7 @@ from typing import TYPE_CHECKING
 from sqlalchemy import bindparam, select
 from sqlalchemy.orm import Session
 
-from mailflow import commands, lifecycle, notify, senders, tickets, tracking
+from mailflow import commands, lifecycle, notify, refusals, senders, tickets, tracking
 from mailflow.config import Settings, Vendor
 from mailflow.models import Event, Inbound, Ticket
 from mailflow.render import Renderer
@@ -372,9 +372,9 @@ def answer_query(
         tracking.remember(session, ticket, mail.message_id)
         answer_status(session, desk, ticket, address, now, in_reply_to=mail.message_id)
         return f"status of {ticket.ref} for {address}", ticket
-    if ticket is not None:  # kept for the staff; the answer is the same as for no ticket
-        tickets.record(session, ticket, "stranger", address, now, mail.new_text[:4000],
-                       inbound_id=inbound.id)
-    notify.queue(session, desk, "not_on_ticket", [address], now, in_reply_to=mail.message_id)
+    if ticket is not None:  # kept for the staff, answered as strangers are: once, blandly
+        refusals.stranger(session, desk, ticket, mail, inbound.id, now)
+    else:  # the same answer as for a ticket of someone else's: nothing to tell them apart
+        notify.queue(session, desk, "not_on_ticket", [address], now, in_reply_to=mail.message_id)
     return f"{address} asked about {ref}, which is none of theirs", None
 
